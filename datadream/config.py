@@ -1,0 +1,265 @@
+"""Typed configuration: one section per stage, YAML files, `--set section.key=value` overrides.
+
+The defaults of every field are the paper's settings (ExplainableML/DataDream, ECCV 2024), each
+citing `REFERENCE.md` (../shared/REFERENCE.md) in its description; `configs/paper.yaml` spells
+them out and a test keeps the two equal. `configs/tiny.yaml` is the CPU preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datadream.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("paper", "tiny")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    seed: int = Field(1, description="Master seed for training and generation (REFERENCE.md: seeds 1, 5, 10).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
+    )
+
+
+class DataConfig(Section):
+    domain: str = Field(
+        "",
+        description="Domain word put in prompts, e.g. 'texture' for DTD (REFERENCE.md, Datasets). Empty for none.",
+    )
+    template: str = Field(
+        "a {domain}photo of a {name}",
+        description="Prompt template; {domain} is the domain word plus a space (REFERENCE.md, Stage 1: prompt).",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Per-class share held out as val when the dataset has no val split."
+    )
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Per-class share held out as test when the dataset has no test split."
+    )
+    split_seed: int = Field(0, description="Seed of the val/test carve-out; fixed so test sets agree across seeds.")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Pillow decompression-bomb threshold (width×height); larger is an error."
+    )
+
+    def prompt(self, name: str) -> str:
+        domain = f"{self.domain.strip()} " if self.domain.strip() else ""
+        return self.template.format(domain=domain, name=name)
+
+
+class ModelsConfig(Section):
+    sd: str = Field(
+        "stabilityai/stable-diffusion-2-1-base",
+        description="Stable Diffusion: a Hugging Face id, a local diffusers folder, or 'tiny' "
+        "(REFERENCE.md, Stage 1: SD 2.1 base).",
+    )
+    sd_revision: str | None = Field(None, description="Pinned revision (commit sha) of the SD model on the Hub.")
+    clip: str = Field(
+        "ViT-B-16",
+        description="open_clip model name, 'local-dir:<folder>', or 'tiny' (REFERENCE.md, Stage 3: ViT-B/16).",
+    )
+    clip_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or a local weights file (REFERENCE.md, Stage 3: openai)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where built or downloaded models are cached (default ~/.cache/datadream)."
+    )
+
+
+class FewShotConfig(Section):
+    shots: int = Field(16, ge=1, description="Real images per class, k (REFERENCE.md, Stage 0: 16 is headline).")
+    seed: int = Field(1, description="Sampling seed (REFERENCE.md, Stage 0: seeds 1, 5, 10).")
+
+
+class AdaptConfig(Section):
+    mode: Literal["class", "dataset"] = Field(
+        "class", description="class = one LoRA per class; dataset = one LoRA on all classes (REFERENCE.md, Stage 1)."
+    )
+    rank: int = Field(16, ge=1, description="LoRA rank (REFERENCE.md, Stage 1: 16).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale = alpha/rank (REFERENCE.md, Stage 1: 16).")
+    unet_targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention projections (REFERENCE.md, Stage 1)."
+    )
+    train_text_encoder: bool = Field(True, description="LoRA on the text encoder too (REFERENCE.md, Stage 1: on).")
+    text_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text encoder projections (REFERENCE.md, Stage 1)."
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (REFERENCE.md, Stage 1: 1e-4).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (REFERENCE.md, Stage 1).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (REFERENCE.md, Stage 1: 1e-2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps (REFERENCE.md, Stage 1: 1e-8).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (REFERENCE.md, Stage 1: 1.0).")
+    warmup_steps: int = Field(100, ge=0, description="Cosine schedule warm-up steps (REFERENCE.md, Stage 1: 100).")
+    epochs: int = Field(200, ge=1, description="Epochs over the adapter's images (REFERENCE.md, Stage 1: 200).")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (search fidelity); None = epochs.")
+    batch_size: int = Field(8, ge=1, description="Images per step (REFERENCE.md, Stage 1: 8).")
+    resolution: int | None = Field(
+        512, ge=8, description="Training resolution in px (REFERENCE.md, Stage 1: 512); None = the model's own."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    checkpoint_every: int = Field(100, ge=1, description="Publish a resumable checkpoint every N steps.")
+
+
+class GenerateConfig(Section):
+    images_per_class: int = Field(500, ge=1, description="Synthetic images per class (REFERENCE.md, Stage 2: 500).")
+    guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance (REFERENCE.md, Stage 2: 2.0).")
+    steps: int = Field(50, ge=1, description="Denoising steps with the model's scheduler (REFERENCE.md, Stage 2: 50).")
+    lora_scale: float = Field(1.0, ge=0, description="Adapter scale at inference (REFERENCE.md, Stage 2: 1.0).")
+    batch_size: int = Field(10, ge=1, description="Images per pipeline call (tune to the GPU's memory).")
+    resolution: int | None = Field(
+        None, ge=8, description="Output size in px; None = the model's own (512 for SD 2.1 base)."
+    )
+
+
+class ClassifyConfig(Section):
+    train_on: Literal["synthetic", "synthetic+real", "real"] = Field(
+        "synthetic", description="Training data: synthetic only, synthetic plus the real shots, or real only."
+    )
+    rank: int = Field(16, ge=1, description="CLIP LoRA rank (REFERENCE.md, Stage 3: 16).")
+    alpha: float = Field(32.0, gt=0, description="CLIP LoRA alpha (REFERENCE.md, Stage 3: 32).")
+    dropout: float = Field(
+        0.1, ge=0, lt=1,
+        description="LoRA dropout (REFERENCE.md, Stage 3: 0.1). Not applied with targets='attn': peft's "
+        "LoRA on nn.MultiheadAttention acts through merged weights, so lora_dropout has no effect "
+        "(peft 0.21.2).",
+    )
+    targets: Literal["attn"] = Field(
+        "attn",
+        description="LoRA on every attention block of both towers: peft wraps nn.MultiheadAttention, adapting "
+        "the fused q,k,v projection and out_proj (REFERENCE.md, Stage 3 note on open_clip 3.3).",
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (REFERENCE.md, Stage 3: 1e-4).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (REFERENCE.md, Stage 3: 1e-4).")
+    min_lr: float = Field(1e-8, ge=0, description="Cosine schedule floor (REFERENCE.md, Stage 3: 1e-8).")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
+    epochs: int = Field(60, ge=0, description="Epochs; 0 = zero-shot (REFERENCE.md, Stage 3: 60, LoFT).")
+    batch_size: int = Field(64, ge=1, description="Images per step (REFERENCE.md, Stage 3: 64).")
+    real_weight: float = Field(
+        0.8, ge=0, le=1, description="Loss weight of real images in synthetic+real (REFERENCE.md, Stage 3: 0.8)."
+    )
+    augment: bool = Field(True, description="REFERENCE.md, Stage 3 augmentations (RandAugment … solarize).")
+    mix_p: float = Field(0.2, ge=0, le=1, description="Probability of Mixup/CutMix on a batch (REFERENCE.md: 0.2).")
+    logit_scale: float = Field(100.0, gt=0, description="logits = scale·cos (REFERENCE.md, Stage 3: 100).")
+    val_every: int = Field(1, ge=1, description="Evaluate on val (for epoch selection) every N epochs.")
+    num_workers: int = Field(4, ge=0, description="DataLoader worker processes.")
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    fewshot: FewShotConfig = FewShotConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    generate: GenerateConfig = GenerateConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("run", "data", "models", "fewshot", "adapt", "generate", "classify", "evaluate", mode="before")
+    @classmethod
+    def _section_is_mapping(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict | Section):
+            raise ValueError("expected a mapping of keys to values")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file {path}: not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r}: unknown preset; expected one of {', '.join(PRESETS)}")
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def parse_override(text: str) -> dict:
+    """'adapt.rank=8' -> {'adapt': {'rank': 8}}; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise UserError(f"--set {text!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for p in reversed(parts):
+        value = {p: value}
+    return value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section = e["loc"][:-1]
+        model: Any = Config
+        for s in section:
+            model = model.model_fields[s].annotation if s in model.model_fields else None
+            if model is None:
+                break
+        known = ", ".join(model.model_fields) if model is not None else ""
+        return f"{source}: unknown config key {key!r}" + (f" (known here: {known})" if known else "")
+    return f"{source}: config key {key!r}: {e['msg']}; got {e.get('input')!r}"
+
+
+def load_config(
+    preset: str | None = "paper", files: list[str | Path] = (), overrides: list[str] = ()
+) -> Config:
+    """Layer: preset YAML -> each --config file -> each --set override.
+
+    Validated after every layer, so an error names the layer (file or --set) that introduced it.
+    """
+    layers: list[tuple[str, dict]] = []
+    if preset:
+        layers.append((f"preset {preset} ({preset_path(preset)})", _read_yaml(preset_path(preset))))
+    layers += [(f"config file {f}", _read_yaml(Path(f))) for f in files]
+    layers += [(f"--set {o}", parse_override(o)) for o in overrides]
+    data: dict = {}
+    config = Config()
+    for source, layer in layers:
+        data = _deep_merge(data, layer)
+        try:
+            config = Config.model_validate(data)
+        except ValidationError as e:
+            raise UserError(_format_error(e, source)) from None
+    return config

@@ -1,0 +1,55 @@
+"""Device, precision and seeding shared by the training and generation stages."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+
+import numpy as np
+import torch
+
+from datadream.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(run: RunConfig) -> torch.device:
+    if run.device == "cuda" and not torch.cuda.is_available():
+        from datadream.errors import UserError
+
+        raise UserError("run.device='cuda' but no CUDA device is available; use run.device=auto or cpu")
+    if run.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(run.device)
+
+
+def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast to, or None for plain fp32 (always on CPU)."""
+    if device.type != "cuda" or run.precision == "fp32":
+        return None
+    if run.precision == "fp16":
+        return torch.float16
+    if run.precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts, e.g. (seed, class slug, image index).
+
+    Stable across processes and Python versions (unlike hash()), so a resumed or sharded run draws
+    the same randomness as an uninterrupted one.
+    """
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)

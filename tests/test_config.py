@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datadream.config import CONFIG_DIR, Config, load_config, parse_override
+from datadream.errors import UserError
+
+
+def test_paper_yaml_spells_out_the_defaults():
+    # configs/paper.yaml documents every paper value with its source; it must not drift from the code.
+    assert load_config("paper") == Config()
+    assert yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text()) == Config().to_dict()
+
+
+def test_paper_values_follow_reference():
+    c = Config()
+    assert (c.models.sd, c.models.clip, c.models.clip_pretrained) == (
+        "stabilityai/stable-diffusion-2-1-base", "ViT-B-16", "openai")
+    assert (c.adapt.rank, c.adapt.alpha, c.adapt.lr, c.adapt.epochs, c.adapt.batch_size) == (16, 16, 1e-4, 200, 8)
+    assert (c.generate.images_per_class, c.generate.guidance_scale, c.generate.steps) == (500, 2.0, 50)
+    assert (c.classify.rank, c.classify.alpha, c.classify.dropout) == (16, 32, 0.1)
+
+
+def test_every_field_has_a_description():
+    for section in Config.model_fields:
+        model = Config.model_fields[section].annotation
+        for name, field in model.model_fields.items():
+            assert field.description, f"{section}.{name} has no description"
+
+
+def test_tiny_preset_and_layering(tmp_path: Path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("adapt:\n  rank: 2\ngenerate:\n  steps: 3\n")
+    c = load_config("tiny", [f], ["adapt.rank=6", "adapt.unet_targets=[to_q]"])
+    assert c.models.sd == "tiny" and c.run.device == "cpu"
+    assert c.adapt.rank == 6 and c.generate.steps == 3 and c.adapt.unet_targets == ["to_q"]
+
+
+def test_prompt_template():
+    c = load_config("paper", overrides=["data.domain=texture"])
+    assert c.data.prompt("banded") == "a texture photo of a banded"
+    assert Config().data.prompt("cat") == "a photo of a cat"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("adapt.rnak=3", "unknown config key 'adapt.rnak'"),
+        ("nosuch.key=1", "unknown config key 'nosuch'"),
+        ("adapt.rank=abc", "config key 'adapt.rank'"),
+        ("adapt.rank=0", "config key 'adapt.rank'"),
+        ("adapt.mode=pixel", "config key 'adapt.mode'"),
+        ("adapt=3", "config key 'adapt'"),
+        ("novalue", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", overrides=[override])
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    assert override.split("=")[0] in msg
+
+
+def test_bad_files_name_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapt:\n  rank: [1, 2\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML"):
+        load_config("paper", [bad])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("generate:\n  image_per_class: 3\n")
+    with pytest.raises(UserError, match=r"config file .*typo.yaml: unknown config key 'generate.image_per_class'"):
+        load_config("paper", [typo])
+    with pytest.raises(UserError, match="not found"):
+        load_config("paper", [tmp_path / "missing.yaml"])
+    with pytest.raises(UserError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=1e-4") == {"a": {"b": "1e-4"}}  # YAML 1.1 reads it as text; pydantic coerces
+    assert load_config("paper", overrides=["adapt.lr=1e-4"]).adapt.lr == 1e-4
+    assert parse_override("a.b=null") == {"a": {"b": None}}
