@@ -1,0 +1,188 @@
+"""Stable Diffusion from a preset name, a Hugging Face id or a local diffusers folder.
+
+`tiny` builds a small random-init SD (UNet, VAE, CLIP text encoder, tokenizer, scheduler) from the
+explicit config below and saves it as a diffusers folder, so tests and the demo load it through the
+very code path that loads SD 2.1 base from a mirror folder. Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from datadream.config import ModelsConfig
+from datadream.errors import UserError
+from datadream.io import sha256_json
+
+log = logging.getLogger(__name__)
+
+# Small enough for CPU in seconds, big enough that LoRA has real matrices on every attention
+# projection (sizes as in diffusers' LoRA tests, tests/lora/test_lora_layers_sd.py).
+TINY_SD_CONFIG = {
+    "unet": {
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "block_out_channels": [32, 64],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "sample_size": 64,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+    },
+    # SD 2.1 base's scheduler (PNDM) with its betas, so the tiny model samples the same way.
+    "scheduler": {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "skip_prk_steps": True,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    },
+    "seed": 0,
+}
+
+
+def cache_root(models: ModelsConfig) -> Path:
+    return Path(models.cache_dir or os.environ.get("DATADREAM_CACHE") or Path.home() / ".cache" / "datadream")
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """The CLIP BPE vocabulary that open_clip ships, as CLIPTokenizer's vocab.json + merges.
+
+    Same construction as CLIP's simple tokenizer: byte symbols, the same with '</w>', the merges,
+    then the two special tokens — 49,408 entries, so ids match SD's tokenizer.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
+
+
+def build_tiny_sd(folder: str | os.PathLike) -> Path:
+    """Build the tiny SD pipeline deterministically and save it as a diffusers folder (atomically)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        cfg = TINY_SD_CONFIG
+        torch.manual_seed(cfg["seed"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+        torch.manual_seed(cfg["seed"])
+        vae = AutoencoderKL(**cfg["vae"])
+        torch.manual_seed(cfg["seed"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        write_clip_tokenizer(tmp / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=PNDMScheduler(**cfg["scheduler"]), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built tiny Stable Diffusion in %s", folder)
+    return folder
+
+
+def resolve_sd(models: ModelsConfig) -> str:
+    """The local folder or Hub id that `from_pretrained` should read for `models.sd`."""
+    spec = models.sd.strip()
+    if spec == "tiny":
+        return str(build_tiny_sd(cache_root(models) / f"tiny-sd-{sha256_json(TINY_SD_CONFIG)[:12]}"))
+    if spec.startswith("s3://"):
+        raise UserError(f"models.sd={spec!r}: s3:// model folders are not supported yet")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(f"models.sd={spec!r}: folder has no model_index.json (expected a diffusers folder)")
+        return str(path)
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # a Hub id is exactly 'org/name'
+        raise UserError(f"models.sd={spec!r}: folder not found")
+    return spec  # a Hugging Face id
+
+
+def load_sd_components(models: ModelsConfig):
+    """tokenizer, text_encoder, vae, unet, noise_scheduler for training (fp32, CPU)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = resolve_sd(models)
+    kw = {"revision": models.sd_revision} if models.sd_revision else {}
+    tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", use_safetensors=True, **kw)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", use_safetensors=True, **kw)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", use_safetensors=True, **kw)
+    # Training noise follows the model's own scheduler config (betas, prediction type).
+    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def load_sd_pipeline(models: ModelsConfig, dtype=None):
+    from diffusers import StableDiffusionPipeline
+
+    src = resolve_sd(models)
+    kw = {"revision": models.sd_revision} if models.sd_revision else {}
+    if dtype is not None:
+        kw["torch_dtype"] = dtype
+    pipe = StableDiffusionPipeline.from_pretrained(
+        src, use_safetensors=True, safety_checker=None, requires_safety_checker=False, **kw
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
