@@ -59,8 +59,8 @@ class DataConfig(Section):
 class ModelsConfig(Section):
     sd: str = Field(
         "stabilityai/stable-diffusion-2-1-base",
-        description="Stable Diffusion: a Hugging Face id, a local diffusers folder, or 'tiny' "
-        "(REFERENCE.md, Stage 1: SD 2.1 base).",
+        description="Stable Diffusion: a Hugging Face id, a local diffusers folder, 'tiny' (CPU preset) or "
+        "'sd21-base-random' (SD 2.1 base architecture at random init, for benchmarks) (REFERENCE.md, Stage 1).",
     )
     sd_revision: str | None = Field(None, description="Pinned revision (commit sha) of the SD model on the Hub.")
     clip: str = Field(

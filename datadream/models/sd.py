@@ -72,6 +72,52 @@ TINY_SD_CONFIG = {
     "seed": 0,
 }
 
+# Stable Diffusion 2.1 base's architecture (its unet/vae/text_encoder config.json), for benchmarks
+# with real sizes at random init where no weights can be downloaded (REFERENCE.md, Stage 1).
+SD21_BASE_RANDOM_CONFIG = {
+    "unet": {
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "block_out_channels": [128, 256, 512, 512],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "sample_size": 512,
+    },
+    "text_encoder": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": 512,
+        "hidden_act": "gelu",
+    },
+    "scheduler": TINY_SD_CONFIG["scheduler"],
+    "seed": 0,
+}
+
+# Names accepted for models.sd that build a random-init model instead of loading weights.
+RANDOM_ARCHS = {"tiny": TINY_SD_CONFIG, "sd21-base-random": SD21_BASE_RANDOM_CONFIG}
+
 
 def cache_root(models: ModelsConfig) -> Path:
     return Path(models.cache_dir or os.environ.get("DATADREAM_CACHE") or Path.home() / ".cache" / "datadream")
@@ -104,8 +150,8 @@ def write_clip_tokenizer(folder: Path) -> None:
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
 
 
-def build_tiny_sd(folder: str | os.PathLike) -> Path:
-    """Build the tiny SD pipeline deterministically and save it as a diffusers folder (atomically)."""
+def build_random_sd(folder: str | os.PathLike, arch: dict = TINY_SD_CONFIG) -> Path:
+    """Build a random-init SD pipeline deterministically and save it as a diffusers folder (atomically)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -116,7 +162,7 @@ def build_tiny_sd(folder: str | os.PathLike) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        cfg = TINY_SD_CONFIG
+        cfg = arch
         torch.manual_seed(cfg["seed"])
         unet = UNet2DConditionModel(**cfg["unet"])
         torch.manual_seed(cfg["seed"])
@@ -135,15 +181,16 @@ def build_tiny_sd(folder: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("built tiny Stable Diffusion in %s", folder)
+    log.info("built random-init Stable Diffusion in %s", folder)
     return folder
 
 
 def resolve_sd(models: ModelsConfig) -> str:
     """The local folder or Hub id that `from_pretrained` should read for `models.sd`."""
     spec = models.sd.strip()
-    if spec == "tiny":
-        return str(build_tiny_sd(cache_root(models) / f"tiny-sd-{sha256_json(TINY_SD_CONFIG)[:12]}"))
+    if spec in RANDOM_ARCHS:
+        arch = RANDOM_ARCHS[spec]
+        return str(build_random_sd(cache_root(models) / f"{spec}-sd-{sha256_json(arch)[:12]}", arch))
     if spec.startswith("s3://"):
         raise UserError(f"models.sd={spec!r}: s3:// model folders are not supported yet")
     path = Path(spec).expanduser()
