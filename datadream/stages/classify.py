@@ -1,0 +1,464 @@
+"""Stage 3: fine-tune CLIP with LoRA on the synthetic set, optionally with the real shots
+(REFERENCE.md, Stage 3).
+
+Inputs: the few-shot folder (`classes.json`, `train.jsonl` real shots, `val.jsonl` for choosing the
+epoch; never the test split) and the synthetic folder (`manifest.jsonl`). Output folder:
+
+    lora.safetensors    the best epoch's LoRA tensors (peft key names)
+    head.safetensors    "text_embeddings" [C, D], L2-normalised, computed with that LoRA; "logit_scale"
+    classifier.json     written last: fingerprint, classes, model, preprocess, LoRA settings, history
+    checkpoints/        while training only: one resumable checkpoint per epoch (datadream.checkpoint)
+
+Re-running with the same inputs is a no-op; re-running after a kill resumes from the newest intact
+checkpoint and ends with the same tensors an uninterrupted run would (on CPU, bit for bit), because
+every random draw is seeded by (run seed, epoch, sample or step), never by how far a process got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
+
+from datadream.checkpoint import load_latest, save_checkpoint
+from datadream.config import ClassifyConfig, Config
+from datadream.data.images import ImageRejected, load_rgb
+from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest
+from datadream.errors import UserError
+from datadream.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    mark_started,
+    sha256_file,
+    sha256_json,
+)
+from datadream.models.clip import add_clip_lora, get_lora_state, load_clip, lora_parameters, set_lora_state
+from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+MARKER = "classifier.json"
+LORA_FILE = "lora.safetensors"
+HEAD_FILE = "head.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path, classes: list[ClassInfo], is_real: bool | None) -> list[Record]:
+    """A manifest's records, checked against classes.json and (unless None) the expected is_real flag."""
+    records = read_manifest(path)
+    for n, r in enumerate(records, 1):
+        if not 0 <= r.label < len(classes) or classes[r.label].slug != r.cls:
+            raise UserError(f"{path}: record {n} has label {r.label} / class {r.cls!r}, not in classes.json")
+        if is_real is not None and r.is_real != is_real:
+            raise UserError(f"{path}: record {n} has is_real={r.is_real}; expected {is_real} here")
+    return records
+
+
+def training_set(train_on: str, real: list[Record], synthetic: list[Record]) -> tuple[list[Record], int]:
+    """The records one epoch visits, and how many times the real shots are repeated in it."""
+    if train_on == "real":
+        return list(real), 1
+    if train_on == "synthetic":
+        return list(synthetic), 0
+    # Real shots repeated to ≈1:1 with synthetic (REFERENCE.md, Stage 3); whole copies keep classes balanced.
+    repeats = max(1, round(len(synthetic) / len(real)))
+    return list(synthetic) + list(real) * repeats, repeats
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise UserError(f"preprocess interpolation {name!r}: expected bicubic, bilinear or nearest") from None
+
+
+def eval_transform(preprocess: dict) -> v2.Compose:
+    """Resize (model's interpolation) → center crop → normalise (REFERENCE.md, Stage 3: test transform)."""
+    size = preprocess["image_size"]
+    return v2.Compose([
+        v2.Resize(size, interpolation=_interpolation(preprocess["interpolation"]), antialias=True),
+        v2.CenterCrop(size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(preprocess["mean"], preprocess["std"]),
+    ])
+
+
+def train_transform(preprocess: dict, augment: bool) -> v2.Compose:
+    """REFERENCE.md, Stage 3 augmentations; without `augment`, the eval transform."""
+    if not augment:
+        return eval_transform(preprocess)
+    size = preprocess["image_size"]
+    edge = size if isinstance(size, int) else min(size)
+    blur_kernel = max(3, int(0.1 * edge) // 2 * 2 + 1)  # odd, ≈10% of the image as in SimCLR-style blur
+    return v2.Compose([
+        v2.RandAugment(num_ops=2, magnitude=9),
+        v2.RandomResizedCrop(
+            size, scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.2),
+        v2.RandomSolarize(threshold=128, p=0.2),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(preprocess["mean"], preprocess["std"]),
+    ])
+
+
+class ImageDataset(Dataset):
+    """Records → (image tensor, label, is_real), or the ImageRejected of an unusable file.
+
+    With `seed` set, each sample's augmentation draws from its own RNG seeded by (seed…, index), so
+    the result depends neither on worker count nor on where a previous process stopped.
+    """
+
+    def __init__(self, records: list[Record], transform, max_pixels: int, seed: tuple | None = None):
+        self.records, self.transform, self.max_pixels, self.seed = records, transform, max_pixels, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        try:
+            image = load_rgb(r.path, self.max_pixels)
+        except ImageRejected as e:
+            return e
+        if self.seed is None:
+            return self.transform(image), r.label, r.is_real
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(*self.seed, i))
+            return self.transform(image), r.label, r.is_real
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    is_real: torch.Tensor
+    rejected: list[ImageRejected]
+
+
+def collate(items: list) -> Batch:
+    """Stack the usable samples; rejected files are carried along to be counted, never padded."""
+    rejected = [x for x in items if isinstance(x, ImageRejected)]
+    ok = [x for x in items if not isinstance(x, ImageRejected)]
+    if not ok:
+        empty = torch.empty(0)
+        return Batch(empty, empty.long(), empty.bool(), rejected)
+    images, labels, is_real = zip(*ok, strict=True)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(is_real), rejected)
+
+
+def mix_batch(
+    images: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, num_classes: int, p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability p, Mixup or CutMix the batch, separately within its real and synthetic parts.
+
+    Returns the images and soft targets [N, C]. Real and synthetic are never blended together, so the
+    per-source loss weights stay meaningful.
+    """
+    targets = F.one_hot(labels, num_classes).float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if p <= 0 or torch.rand(()).item() >= p:
+            return images, targets
+        mixer = v2.RandomChoice([v2.MixUp(num_classes=num_classes), v2.CutMix(num_classes=num_classes)])
+        images = images.clone()
+        for part in (is_real, ~is_real):
+            if int(part.sum()) >= 2:
+                images[part], targets[part] = mixer(images[part], labels[part])
+    return images, targets
+
+
+def classification_loss(
+    logits: torch.Tensor, targets: torch.Tensor, is_real: torch.Tensor, real_weight: float | None
+) -> torch.Tensor:
+    """Cross-entropy; with `real_weight`, real_weight·CE(real) + (1 − real_weight)·CE(synthetic).
+
+    Which samples are real comes from the manifests' explicit is_real flag (REFERENCE.md, Stage 3),
+    never from paths. `targets` are class indices or soft targets [N, C].
+    """
+    if real_weight is None:
+        return F.cross_entropy(logits, targets)
+    loss = logits.new_zeros(())
+    for part, weight in ((is_real, real_weight), (~is_real, 1.0 - real_weight)):
+        if part.any():
+            loss = loss + weight * F.cross_entropy(logits[part], targets[part])
+    return loss
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+
+def text_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings of the class prompts: the classifier's weights."""
+    return F.normalize(model.encode_text(tokens), dim=-1)
+
+
+def class_logits(model: nn.Module, images: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
+    """logits = scale · cos(image embedding, class text embedding) (REFERENCE.md, Stage 3)."""
+    return scale * F.normalize(model.encode_image(images), dim=-1) @ head.t()
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def val_accuracy(model, loader, tokens, cfg: ClassifyConfig, device, amp) -> tuple[float | None, int]:
+    """Top-1 on the val split (for choosing the epoch), and the number of rejected files."""
+    model.eval()
+    with autocast_ctx(device, amp):
+        head = text_head(model, tokens)
+    correct = seen = rejected = 0
+    for batch in loader:
+        rejected += len(batch.rejected)
+        if not len(batch.labels):
+            continue
+        with autocast_ctx(device, amp):
+            logits = class_logits(model, batch.images.to(device), head, cfg.logit_scale)
+        correct += int((logits.argmax(-1).cpu() == batch.labels).sum())
+        seen += len(batch.labels)
+    return (correct / seen if seen else None), rejected
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1, then cosine down to `floor` (= min_lr / lr) at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+
+
+def _input_paths(train_on: str, fewshot_dir: Path, synthetic_dir: Path | None) -> dict[str, Path]:
+    paths = {"classes": fewshot_dir / "classes.json", "val": fewshot_dir / "val.jsonl"}
+    if "real" in train_on:
+        paths["real"] = fewshot_dir / "train.jsonl"
+    if "synthetic" in train_on:
+        if synthetic_dir is None:
+            raise UserError(f"classify.train_on={train_on!r} needs a synthetic set folder; none was given")
+        paths["synthetic"] = synthetic_dir / "manifest.jsonl"
+    for name, path in paths.items():
+        if not path.is_file():
+            raise UserError(f"{path}: not found (the {name} input of classify)")
+    return paths
+
+
+def fingerprint_of(config: Config, inputs: dict[str, Path]) -> str:
+    """What decides the result: classify/models/data settings, the seed and the input manifests.
+
+    Where things live (models.cache_dir) and how fast they load (classify.num_workers) are left out.
+    """
+    return sha256_json({
+        "classify": config.classify.model_dump(mode="json", exclude={"num_workers"}),
+        "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
+        "data": config.data.model_dump(mode="json"),
+        "seed": config.run.seed,
+        "inputs": {name: sha256_file(path) for name, path in sorted(inputs.items())},
+    })
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(path, data)
+
+
+def run(
+    config: Config, fewshot_dir: str | Path, synthetic_dir: str | Path | None, out_dir: str | Path
+) -> Path:
+    """Train the CLIP LoRA classifier into `out_dir` (see the module docstring); returns `out_dir`."""
+    cfg, seed = config.classify, config.run.seed
+    fewshot_dir, out = Path(fewshot_dir), Path(out_dir)
+    synthetic_dir = Path(synthetic_dir) if synthetic_dir is not None else None
+
+    # Inputs: validate everything before touching the output, so bad input fails in a second, not an hour.
+    inputs = _input_paths(cfg.train_on, fewshot_dir, synthetic_dir)
+    classes = read_classes(inputs["classes"])
+    real = read_records(inputs["real"], classes, is_real=True) if "real" in inputs else []
+    synthetic = read_records(inputs["synthetic"], classes, is_real=False) if "synthetic" in inputs else []
+    val = read_records(inputs["val"], classes, is_real=True)
+    for name, records in (("real", real), ("synthetic", synthetic)):
+        if name in inputs and not records:
+            raise UserError(f"{inputs[name]}: no images to train on")
+    fingerprint = fingerprint_of(config, inputs)
+    if check_output_dir(out, MARKER, fingerprint):
+        log.info("classify: %s already holds this classifier (same inputs); nothing to do", out)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    mark_started(out, fingerprint)
+
+    # Load: the base CLIP in fp32; autocast (not casting the weights) keeps the frozen model exact.
+    device = resolve_device(config.run)
+    amp = autocast_dtype(config.run, device)
+    model, tokenizer, preprocess = load_clip(config.models, device)
+
+    # Freeze + add adapter: only LoRA on every attention block of both towers trains; the init is
+    # seeded so a fresh run and a resumed one start from the same adapter.
+    seed_everything(derive_seed(seed, "classify", "init"))
+    model = add_clip_lora(model, cfg).to(device)
+    params = lora_parameters(model)
+    prompts = [config.data.prompt(c.name) for c in classes]
+    tokens = tokenizer(prompts).to(device)
+    log.info("classify: %d classes, LoRA rank %d on %s (%d trainable tensors, %d parameters)",
+             len(classes), cfg.rank, cfg.targets, len(params), sum(p.numel() for p in params))
+
+    # Data: one epoch visits `train` in an order drawn from (seed, epoch); val only picks the epoch.
+    train, real_repeats = training_set(cfg.train_on, real, synthetic)
+    train_tf = train_transform(preprocess, cfg.augment)
+    max_pixels = config.data.max_image_pixels
+    val_loader = DataLoader(ImageDataset(val, eval_transform(preprocess), max_pixels),
+                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, floor=cfg.min_lr / cfg.lr)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    real_weight = cfg.real_weight if cfg.train_on == "synthetic+real" else None
+    log.info("classify: train_on=%s, %d images per epoch (%d synthetic, %d real × %d), %d val, %d epochs",
+             cfg.train_on, len(train), len(synthetic), len(real), real_repeats, len(val), cfg.epochs)
+
+    # Resume: the newest intact checkpoint holds the adapter, the best adapter so far and the optimizer,
+    # scheduler and selection state; without one, score the zero-shot head as epoch 0.
+    ckpt = load_latest(out / CHECKPOINTS, map_location="cpu")
+    if ckpt is not None and ckpt.meta.get("fingerprint") != fingerprint:
+        log.warning("classify: ignoring checkpoint %d made with other inputs", ckpt.step)
+        ckpt = None
+    if ckpt is not None:
+        set_lora_state(model, {k[len("lora/"):]: v for k, v in ckpt.tensors.items() if k.startswith("lora/")})
+        best_state = {k[len("best/"):]: v for k, v in ckpt.tensors.items() if k.startswith("best/")}
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        scaler.load_state_dict(ckpt.state["scaler"])
+        start, best_val, best_epoch, history = (
+            ckpt.step, ckpt.state["best_val"], ckpt.state["best_epoch"], ckpt.state["history"])
+        log.info("classify: resumed from epoch %d", start)
+    else:
+        start, best_state, best_epoch = 0, get_lora_state(model), 0
+        zero_shot, rejected = val_accuracy(model, val_loader, tokens, cfg, device, amp)
+        best_val = zero_shot if zero_shot is not None else -1.0
+        history = [{"epoch": 0, "train_loss": None, "val_top1": zero_shot, "rejected": rejected}]
+        log.info("classify: zero-shot val top-1 %s", _pct(zero_shot))
+    if best_val < 0:
+        log.warning("classify: no usable images in %s; keeping the last epoch instead of the best on val",
+                    inputs["val"])
+
+    # Loop: every random draw is keyed by (seed, epoch, sample/step), so epoch N is the same batches
+    # and augmentations whether or not the process was restarted before it.
+    for epoch in range(start + 1, cfg.epochs + 1):
+        seed_everything(derive_seed(seed, "classify", "epoch", epoch))
+        loader = DataLoader(
+            ImageDataset(train, train_tf, max_pixels, seed=(seed, "classify", "augment", epoch)),
+            batch_size=cfg.batch_size, shuffle=True, generator=generator(seed, "classify", "order", epoch),
+            num_workers=cfg.num_workers, collate_fn=collate,
+        )
+        model.train()
+        loss_sum = seen = rejected = 0
+        for step, batch in enumerate(tqdm(loader, desc=f"classify epoch {epoch}/{cfg.epochs}", leave=False)):
+            rejected += len(batch.rejected)
+            if len(batch.labels):
+                images, targets = batch.images, F.one_hot(batch.labels, len(classes)).float()
+                if cfg.augment:
+                    images, targets = mix_batch(images, batch.labels, batch.is_real, len(classes), cfg.mix_p,
+                                                derive_seed(seed, "classify", "mix", epoch, step))
+                is_real = batch.is_real.to(device)
+                with autocast_ctx(device, amp):
+                    # The head is recomputed every step: the text tower's LoRA trains too.
+                    logits = class_logits(model, images.to(device), text_head(model, tokens), cfg.logit_scale)
+                    loss = classification_loss(logits.float(), targets.to(device), is_real, real_weight)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += float(loss.detach()) * len(batch.labels)
+                seen += len(batch.labels)
+            scheduler.step()  # one schedule step per batch slot, so the schedule never depends on rejections
+        if rejected:
+            log.warning("classify: epoch %d skipped %d unreadable training images", epoch, rejected)
+
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
+                                 "lr": scheduler.get_last_lr()[0], "val_top1": None, "rejected": rejected}
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            entry["val_top1"], entry["val_rejected"] = val_accuracy(
+                model, val_loader, tokens, cfg, device, amp)
+        history.append(entry)
+        # Select on val only (never test); with no val score at all, the last epoch wins.
+        improved = entry["val_top1"] is not None and entry["val_top1"] > best_val
+        if improved or (best_val < 0 and epoch == cfg.epochs):
+            best_val = entry["val_top1"] if improved else best_val
+            best_epoch, best_state = epoch, get_lora_state(model)
+        log.info("classify: epoch %d/%d loss %s val top-1 %s (best %s at epoch %d)", epoch, cfg.epochs,
+                 f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-",
+                 _pct(entry["val_top1"]), _pct(best_val), best_epoch)
+
+        # Checkpoint: every epoch, published atomically; a kill from here on loses at most one epoch.
+        save_checkpoint(
+            out / CHECKPOINTS, epoch,
+            {**{f"lora/{k}": v for k, v in get_lora_state(model).items()},
+             **{f"best/{k}": v for k, v in best_state.items()}},
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "best_val": best_val, "best_epoch": best_epoch,
+             "history": history},
+            meta={"fingerprint": fingerprint},
+        )
+
+    # Save: the best epoch's adapter, the class head it implies (so inference needs no text tower), and
+    # classifier.json last, which marks the folder finished.
+    set_lora_state(model, best_state)
+    model.eval()
+    with torch.no_grad():
+        head = text_head(model, tokens).float()
+    _save_safetensors(out / LORA_FILE, best_state)
+    _save_safetensors(out / HEAD_FILE,
+                      {"text_embeddings": head, "logit_scale": torch.tensor(cfg.logit_scale)})
+    atomic_write_json(out / MARKER, {
+        "fingerprint": fingerprint,
+        "classes": [{"index": c.index, "slug": c.slug, "name": c.name} for c in classes],
+        "prompts": prompts,
+        "model": {"clip": config.models.clip, "clip_pretrained": config.models.clip_pretrained},
+        "preprocess": preprocess,
+        "logit_scale": cfg.logit_scale,
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets,
+                 "dropout": 0.0, "configured_dropout": cfg.dropout},
+        "train_on": cfg.train_on,
+        "real_weight": real_weight,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "best_val_top1": best_val if best_val >= 0 else None,
+        "history": history,
+        "counts": {"real": len(real), "real_repeats": real_repeats, "synthetic": len(synthetic),
+                   "train_per_epoch": len(train), "val": len(val)},
+        "seed": seed,
+    })
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    log.info("classify: wrote %s (best epoch %d, val top-1 %s)", out, best_epoch, _pct(best_val))
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.2f}%" if x is not None and x >= 0 else "-"
