@@ -177,7 +177,12 @@ def build_random_sd(folder: str | os.PathLike, arch: dict = TINY_SD_CONFIG) -> P
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a parallel shard) published the same folder first; it is identical
+            if not (folder / "model_index.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

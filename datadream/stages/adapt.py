@@ -164,7 +164,7 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
             text_encoder.gradient_checkpointing_enable()
 
     models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
-    for unit in tqdm(units, desc="adapt", unit="adapter", disable=len(units) == 1):
+    for unit in tqdm(units, desc="adapt", unit="adapter"):
         if (out / unit.name / "adapter.json").exists():
             log.info("adapt: %s already trained; skipping", unit.name)
             continue
