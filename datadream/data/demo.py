@@ -1,7 +1,9 @@
 """A small procedural dataset for demos and tests: no downloads, byte-identical for a given seed.
 
-Six classes of shapes and textures drawn with random colours, position, scale, rotation and noise,
-so a classifier has to learn the shape: colour carries no class information.
+Six classes of shapes and textures drawn with random position, scale, rotation and noise. Each class
+also has its own foreground hue (jittered, on a random low-saturation background): with the tiny
+random-init models of the demo, colour is a cue that a few LoRA steps can pick up in both the
+generator and the classifier, while the shape stays the cue a real pretrained model would use.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ DEMO_CLASSES: list[tuple[str, str]] = [
     ("checkerboard", "checkerboard"),
 ]
 DEFAULT_PER_SPLIT: dict[str, int] = {"train": 24, "val": 8, "test": 16}
-GENERATOR_VERSION = 1  # bump when the drawing changes, so old folders are not taken for new ones
+GENERATOR_VERSION = 2  # bump when the drawing changes, so old folders are not taken for new ones
 MARKER = "demo.json"
 
 _SUPERSAMPLE = 4  # anti-aliasing: draw at 4x and average
@@ -99,7 +101,7 @@ def _write(out: Path, params: dict) -> int:
             for i in range(count):
                 # One stream per image: changing one split's count leaves every other image as it was.
                 rng = np.random.default_rng([seed, split_key, label, i])
-                Image.fromarray(_render(slug, size, rng)).save(folder / f"{slug}_{i:04d}.png", "PNG")
+                Image.fromarray(_render(slug, label, size, rng)).save(folder / f"{slug}_{i:04d}.png", "PNG")
                 n += 1
     atomic_write_json(out / "classnames.json", dict(DEMO_CLASSES))
     atomic_write_json(out / MARKER, params)  # last: its presence means the rest is there
@@ -115,20 +117,23 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Uniformly random background and foreground, far enough apart to see the shape."""
-    bg = rng.uniform(0, 255, 3)
+def _colours(rng: np.random.Generator, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground in the class's hue (±20°), background a random low-saturation colour."""
+    import colorsys
+
+    hue = (label / len(DEMO_CLASSES) + rng.uniform(-20, 20) / 360) % 1.0
+    fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
     for _ in range(100):
-        fg = rng.uniform(0, 255, 3)
+        bg = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.3), rng.uniform(0, 1))) * 255
         if np.linalg.norm(fg - bg) > 120:
             break
     else:
-        fg = 255 - bg
+        bg = 255 - fg
     return fg.astype(np.float32), bg.astype(np.float32)
 
 
-def _render(slug: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    fg, bg = _colours(rng)
+def _render(slug: str, label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    fg, bg = _colours(rng, label)
     x, y = _grid(size)
     cx, cy = rng.uniform(-0.3, 0.3, 2)
     scale = rng.uniform(0.35, 0.65)
