@@ -1,0 +1,106 @@
+"""The `datadream` command: help everywhere, one-line user errors with exit 2, the demo end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datadream.cli import build_parser, main
+
+COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"] if command else ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: datadream" in out
+    if command not in (None, "demo-dataset"):
+        assert "--set SECTION.KEY=VALUE" in out and "--preset" in out
+
+
+def test_every_subcommand_is_tested_for_help():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, demo_dataset):
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "fewshot", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no class folders found" in _error_line(capsys)
+
+    args = ["-q", "fewshot", "--dataset", str(demo_dataset), "--out", str(tmp_path / "o2")]
+    assert main([*args, "--set", "fewshot.shotz=3"]) == 2
+    assert "unknown config key 'fewshot.shotz'" in _error_line(capsys)
+    assert main([*args, "--set", "adapt.rank=many"]) == 2
+    assert "config key 'adapt.rank'" in _error_line(capsys)
+    assert main([*args, "--shots", "100"]) == 2
+    assert "fewer than shots=100" in _error_line(capsys)
+    assert not (tmp_path / "o2").exists()
+    assert main(["-q", "adapt", "--fewshot", str(tmp_path / "missing"), "--out", str(tmp_path / "a")]) == 2
+    assert "classes.json" in _error_line(capsys)
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["adapt", "--mode", "pixel", "--fewshot", "x", "--out", "y"])
+    assert e.value.code == 2
+
+
+def test_console_script_entry_point(tmp_path):
+    # The installed `python -m datadream.cli` behaves like main(): exit status 2 on bad input.
+    r = subprocess.run([sys.executable, "-m", "datadream.cli", "-q", "fewshot", "--dataset", str(tmp_path / "no"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_stage_commands_chain(tmp_path, capsys, demo_dataset):
+    fast = ["--preset", "tiny", "--set", "adapt.max_steps=2", "--set", "generate.images_per_class=2",
+            "--set", "generate.steps=2", "--set", "classify.epochs=1"]
+    fs, ad, gen, clf, ev = (str(tmp_path / n) for n in ("fs", "ad", "gen", "clf", "ev"))
+    assert main(["-q", "fewshot", "--dataset", str(demo_dataset), "--shots", "2", "--out", fs, *fast]) == 0
+    assert main(["-q", "adapt", "--fewshot", fs, "--mode", "dataset", "--out", ad, *fast]) == 0
+    assert main(["-q", "generate", "--fewshot", fs, "--adapters", ad, "--out", gen, *fast]) == 0
+    assert main(["-q", "classify", "--fewshot", fs, "--synthetic", gen, "--train-on", "synthetic+real",
+                 "--out", clf, *fast]) == 0
+    capsys.readouterr()
+    assert main(["-q", "evaluate", "--fewshot", fs, "--classifier", clf, "--out", ev, *fast]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert printed == {k: stored[k] for k in ("top1", "top5", "n")} and stored["n"] == 6 * 16
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    fast = ["--set", "adapt.epochs=2", "--set", "generate.images_per_class=4", "--set", "generate.steps=2",
+            "--set", "classify.epochs=3"]
+    assert main(["-q", "demo", "--out", str(out), *fast]) == 0
+    table = capsys.readouterr().out
+    settings = ["zero-shot", "real only", "synthetic (class-wise)", "synthetic+real (class-wise)",
+                "synthetic (dataset-wise)", "synthetic+real (dataset-wise)"]
+    for s in settings:
+        assert s in table
+    results = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in results["rows"]] == settings
+    for r in results["rows"]:
+        metrics = json.loads(Path(r["metrics"]).read_text())
+        assert metrics["top1"] == r["top1"] and 0 <= r["top1"] <= r["top5"] <= 1
+    for folder in ("fewshot/fewshot.json", "adapters-class/adapter.json", "adapters-dataset/adapter.json",
+                   "synthetic-class/generate.json", "synthetic-dataset/generate.json"):
+        assert (out / folder).is_file()
+    # A second run finds every stage finished and redoes nothing.
+    stamp = (out / "adapters-class" / "adapter.json").stat().st_mtime_ns
+    assert main(["-q", "demo", "--out", str(out), *fast]) == 0
+    assert (out / "adapters-class" / "adapter.json").stat().st_mtime_ns == stamp
