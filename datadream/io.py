@@ -67,20 +67,27 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+def staged_dir(final: str | os.PathLike, shared_marker: str | None = None) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it into place only on success.
 
-    For short stages: either the whole folder appears or nothing does. `final` must not exist
-    (or be empty); on any exception the temporary folder is removed.
+    Either the whole folder appears or nothing does: `final` must not exist (or be empty), and on any
+    exception the temporary folder is removed. With `shared_marker`, the folder is a cache entry that
+    any process builds identically: if another one published it first (its marker file is there),
+    theirs is kept and ours discarded.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            final.rmdir()  # only an empty folder may be replaced; otherwise OSError, tmp cleaned below
-        os.replace(tmp, final)
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if shared_marker is None or not (final / shared_marker).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

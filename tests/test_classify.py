@@ -11,35 +11,18 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import colour_images
 from safetensors.torch import load_file
 
-from datadream.data.manifest import ClassInfo, Record, write_classes, write_manifest
+from datadream.data.manifest import ClassInfo, write_classes, write_manifest
 from datadream.errors import UserError
-from datadream.io import sha256_file
 from datadream.stages import classify
 
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
 # The paper's augmentation chain and Mixup/CutMix on, whatever the tiny preset says.
 FAST = ("classify.epochs=2", "classify.batch_size=8", "classify.warmup_steps=1", "classify.augment=true",
         "classify.mix_p=0.5")
-
-
-def write_images(folder: Path, n_per_class: int, seed: int, is_real: bool) -> list[Record]:
-    """Noisy solid-colour 40×40 PNGs, one colour per class: a task the tiny CLIP can learn."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for label, colour in enumerate(COLOURS):
-        for i in range(n_per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 12, (40, 40, 3)), 0, 255).astype(np.uint8)
-            path = folder / f"c{label}_{i}.png"
-            Image.fromarray(pixels).save(path)
-            records.append(Record(str(path), label, f"class{label}", sha256_file(path), is_real))
-    return records
 
 
 def make_inputs(root: Path, shots: int = 4, synthetic_per_class: int = 6) -> tuple[Path, Path]:
@@ -47,10 +30,10 @@ def make_inputs(root: Path, shots: int = 4, synthetic_per_class: int = 6) -> tup
     fewshot, synthetic = root / "fewshot", root / "synthetic"
     fewshot.mkdir(parents=True)
     write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(3)])
-    write_manifest(fewshot / "train.jsonl", write_images(fewshot / "train", shots, seed=1, is_real=True))
-    write_manifest(fewshot / "val.jsonl", write_images(fewshot / "val", 2, seed=2, is_real=True))
-    write_manifest(fewshot / "test.jsonl", write_images(fewshot / "test", 4, seed=3, is_real=True))
-    syn = write_images(synthetic / "images", synthetic_per_class, seed=4, is_real=False)
+    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", shots, seed=1, is_real=True))
+    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2, is_real=True))
+    write_manifest(fewshot / "test.jsonl", colour_images(fewshot / "test", 4, seed=3, is_real=True))
+    syn = colour_images(synthetic / "images", synthetic_per_class, seed=4, is_real=False)
     write_manifest(synthetic / "manifest.jsonl", syn)
     return fewshot, synthetic
 

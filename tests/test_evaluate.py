@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import colour_images
 from PIL import Image
 
 from datadream.data.manifest import ClassInfo, Record, read_manifest, write_classes, write_manifest
 from datadream.errors import UserError
-from datadream.io import sha256_file
 from datadream.stages import classify, evaluate
-
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]  # one solid colour per class, plus noise
-
-
-def _images(folder: Path, per_class: int, seed: int, is_real: bool = True) -> list[Record]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for label, colour in enumerate(COLOURS):
-        for i in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 12, (40, 40, 3)), 0, 255).astype(np.uint8)
-            path = folder / f"c{label}_{i}.png"
-            Image.fromarray(pixels).save(path)
-            records.append(Record(str(path), label, f"class{label}", sha256_file(path), is_real))
-    return records
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +23,10 @@ def toy(tmp_path_factory):
     fewshot, synthetic = root / "fewshot", root / "synthetic"
     fewshot.mkdir()
     write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(3)])
-    write_manifest(fewshot / "train.jsonl", _images(fewshot / "train", 8, seed=1))
-    write_manifest(fewshot / "val.jsonl", _images(fewshot / "val", 2, seed=2))
-    write_manifest(fewshot / "test.jsonl", _images(fewshot / "test", 6, seed=3))
-    write_manifest(synthetic / "manifest.jsonl", _images(synthetic / "images", 8, seed=4, is_real=False))
+    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", 8, seed=1))
+    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2))
+    write_manifest(fewshot / "test.jsonl", colour_images(fewshot / "test", 6, seed=3))
+    write_manifest(synthetic / "manifest.jsonl", colour_images(synthetic / "images", 8, seed=4, is_real=False))
     return fewshot, synthetic
 
 
@@ -88,7 +72,7 @@ def test_rerun_returns_the_same_metrics_without_rewriting(toy, zero_shot, tiny, 
     assert (tmp_path / "eval" / evaluate.METRICS).stat().st_mtime_ns == mtime
 
 
-def test_predict_proba_on_pil_images(toy, zero_shot, tiny):
+def test_predict_proba_on_pilcolour_images(toy, zero_shot, tiny):
     fewshot, _ = toy
     clf = evaluate.load_classifier(zero_shot, tiny().models, device="cpu")
     assert [c.slug for c in clf.classes] == ["class0", "class1", "class2"]
@@ -99,7 +83,7 @@ def test_predict_proba_on_pil_images(toy, zero_shot, tiny):
     assert torch.allclose(proba.sum(-1), torch.ones(4), atol=1e-5)
 
 
-def test_trained_classifier_beats_chance_on_held_out_images(toy, tiny, tmp_path):
+def test_trained_classifier_beats_chance_on_held_outcolour_images(toy, tiny, tmp_path):
     fewshot, synthetic = toy
     config = tiny("classify.epochs=8", "classify.batch_size=16", "classify.train_on=synthetic+real")
     out = classify.run(config, fewshot, synthetic, tmp_path / "classifier")

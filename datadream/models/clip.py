@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from torch import nn
 
 from datadream.config import ClassifyConfig, ModelsConfig
 from datadream.errors import UserError
-from datadream.io import sha256_json
+from datadream.io import sha256_json, staged_dir
+from datadream.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +50,12 @@ TINY_CLIP_SEED = 0
 LOCAL_DIR = "local-dir:"
 
 
-def _cache_root(models: ModelsConfig) -> Path:
-    # Same rule as datadream.models.sd.cache_root: config, then $DATADREAM_CACHE, then ~/.cache.
-    return Path(models.cache_dir or os.environ.get("DATADREAM_CACHE") or Path.home() / ".cache" / "datadream")
-
-
 def tiny_clip_dir(models: ModelsConfig) -> Path:
     """Where `models.clip: tiny` lives; the name carries a hash of its config, so edits rebuild it."""
     key = sha256_json(
         {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": TINY_CLIP_PREPROCESS, "seed": TINY_CLIP_SEED}
     )
-    return _cache_root(models) / f"tiny-clip-{key[:12]}"
+    return cache_root(models) / f"tiny-clip-{key[:12]}"
 
 
 def build_tiny_clip(folder: str | os.PathLike) -> Path:
@@ -72,9 +66,7 @@ def build_tiny_clip(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if (folder / "open_clip_config.json").exists() and (folder / "open_clip_model.safetensors").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with staged_dir(folder, shared_marker="open_clip_model.safetensors") as tmp:
         with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
             torch.manual_seed(TINY_CLIP_SEED)
             model = CLIP(**TINY_CLIP_CONFIG)
@@ -82,15 +74,6 @@ def build_tiny_clip(folder: str | os.PathLike) -> Path:
         save_file(state, tmp / "open_clip_model.safetensors")
         config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": TINY_CLIP_PREPROCESS}
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process published the same folder first; theirs is identical
-            if not (folder / "open_clip_model.safetensors").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("built tiny CLIP in %s", folder)
     return folder
 

@@ -11,14 +11,13 @@ import gzip
 import json
 import logging
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from datadream.config import ModelsConfig
 from datadream.errors import UserError
-from datadream.io import sha256_json
+from datadream.io import sha256_json, staged_dir
+from datadream.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +118,6 @@ SD21_BASE_RANDOM_CONFIG = {
 RANDOM_ARCHS = {"tiny": TINY_SD_CONFIG, "sd21-base-random": SD21_BASE_RANDOM_CONFIG}
 
 
-def cache_root(models: ModelsConfig) -> Path:
-    return Path(models.cache_dir or os.environ.get("DATADREAM_CACHE") or Path.home() / ".cache" / "datadream")
-
-
 @lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict[str, int], list[str]]:
     """The CLIP BPE vocabulary that open_clip ships, as CLIPTokenizer's vocab.json + merges.
@@ -159,9 +154,8 @@ def build_random_sd(folder: str | os.PathLike, arch: dict = TINY_SD_CONFIG) -> P
     folder = Path(folder)
     if (folder / "model_index.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    # A parallel shard may build the same cache entry at the same time; both are identical.
+    with staged_dir(folder, shared_marker="model_index.json") as tmp:
         cfg = arch
         torch.manual_seed(cfg["seed"])
         unet = UNet2DConditionModel(**cfg["unet"])
@@ -177,15 +171,6 @@ def build_random_sd(folder: str | os.PathLike, arch: dict = TINY_SD_CONFIG) -> P
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process (a parallel shard) published the same folder first; it is identical
-            if not (folder / "model_index.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("built random-init Stable Diffusion in %s", folder)
     return folder
 

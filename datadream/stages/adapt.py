@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, 
     train = read_manifest(fewshot_dir / "train.jsonl")
     units = plan_units(config, classes, train)
     fingerprint = sha256_json({
-        "adapt": cfg.model_dump(mode="json"), "models": config.models.model_dump(mode="json"),
+        "adapt": cfg.model_dump(mode="json"), "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
         "prompts": [u.prompts for u in units], "seed": config.run.seed,
         "data": [[r.sha256 for r in u.records] for u in units],
     })
@@ -98,8 +99,10 @@ def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, 
         log.info("adapt: %s already holds these adapters; nothing to do", out)
         return out
     # Kubernetes sends SIGTERM before killing a pod (spot preemption, eviction): checkpoint, then exit.
+    # Only the main thread may install handlers; called from a worker thread, the stage runs without one.
     stop = {"requested": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True)) if in_main else None
     try:
         out.mkdir(parents=True, exist_ok=True)
         mark_started(out, fingerprint)
@@ -108,7 +111,8 @@ def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, 
         log.warning("adapt: stopped by SIGTERM after a checkpoint; re-run to resume")
         raise SystemExit(143) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
     index = {
         "fingerprint": fingerprint,

@@ -60,8 +60,10 @@ def run(
     missing = [c.slug for c in classes if c.slug not in index["classes"]]
     if missing:
         raise UserError(f"--adapters {adapters_dir}: no adapter for class(es) {missing}")
-    fingerprint = sha256_json({"generate": cfg.model_dump(mode="json"), "models": config.models.model_dump(mode="json"),
-                               "seed": seed, "adapters": index["fingerprint"], "classes": [c.slug for c in classes]})
+    fingerprint = sha256_json({
+        "generate": cfg.model_dump(mode="json"), "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
+        "seed": seed, "adapters": index["fingerprint"], "classes": [c.slug for c in classes],
+    })
     if check_output_dir(out, MARKER, fingerprint):
         log.info("generate: %s already holds these images; nothing to do", out)
         return out
