@@ -193,14 +193,18 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config file {path}: not found") from None
+    return _parse_yaml(text, f"config file {path}")
+
+
+def _parse_yaml(text: str, source: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -227,6 +231,16 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def layered_overrides(files: list[str | Path] = (), overrides: list[str] = ()) -> dict:
+    """--config files then --set overrides merged into one mapping (for passing on as YAML text)."""
+    data: dict = {}
+    for f in files:
+        data = _deep_merge(data, _read_yaml(Path(f)))
+    for o in overrides:
+        data = _deep_merge(data, parse_override(o))
+    return data
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
@@ -243,16 +257,19 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(
-    preset: str | None = "paper", files: list[str | Path] = (), overrides: list[str] = ()
+    preset: str | None = "paper", files: list[str | Path] = (), overrides: list[str] = (), text: str = ""
 ) -> Config:
     """Layer: preset YAML -> each --config file -> each --set override.
 
+    `text` is YAML given inline (a pipeline's config parameter), layered after the files.
     Validated after every layer, so an error names the layer (file or --set) that introduced it.
     """
     layers: list[tuple[str, dict]] = []
     if preset:
         layers.append((f"preset {preset} ({preset_path(preset)})", _read_yaml(preset_path(preset))))
     layers += [(f"config file {f}", _read_yaml(Path(f))) for f in files]
+    if text.strip():
+        layers.append(("inline config", _parse_yaml(text, "inline config")))
     layers += [(f"--set {o}", parse_override(o)) for o in overrides]
     data: dict = {}
     config = Config()

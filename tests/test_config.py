@@ -82,3 +82,12 @@ def test_parse_override_types():
     assert parse_override("a.b=1e-4") == {"a": {"b": "1e-4"}}  # YAML 1.1 reads it as text; pydantic coerces
     assert load_config("paper", overrides=["adapt.lr=1e-4"]).adapt.lr == 1e-4
     assert parse_override("a.b=null") == {"a": {"b": None}}
+
+
+def test_inline_yaml_layer():
+    c = load_config("tiny", overrides=["adapt.rank=3"], text="adapt:\n  rank: 2\n  epochs: 7\n")
+    assert (c.adapt.rank, c.adapt.epochs) == (3, 7)  # --set comes after the inline text
+    with pytest.raises(UserError, match=r"inline config: unknown config key 'adapt\.x'"):
+        load_config("tiny", text="adapt:\n  x: 1\n")
+    with pytest.raises(UserError, match=r"inline config: expected a mapping"):
+        load_config("tiny", text="- a\n- b\n")

@@ -186,6 +186,8 @@ def run(config: Config, classifier_dir: str | Path, manifest_path: str | Path, o
         "per_class": per_class,
         "per_class_n": {c.slug: int(per_class_n[i]) for i, c in enumerate(clf.classes)},
         "num_classes": n_classes,
+        "classes": [c.slug for c in clf.classes],
+        "confusion": confusion.tolist(),  # rows = true class, columns = predicted, in `classes` order
         "classifier": str(classifier_dir),
         "manifest": str(manifest_path),
     }

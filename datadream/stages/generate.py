@@ -25,13 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from datadream.config import Config
-from datadream.data.manifest import Record, read_classes, select_classes, write_classes, write_manifest
+from datadream.data.manifest import Record, read_classes, read_manifest, select_classes, write_classes, write_manifest
 from datadream.errors import UserError
 from datadream.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
     mark_started,
+    read_json,
     sha256_file,
     sha256_json,
 )
@@ -125,4 +126,44 @@ def run(
         "resolution": size, "base_model": config.models.sd, "adapters_mode": index["mode"],
         "manifest_sha256": sha256_file(out / "manifest.jsonl"),
     })
+    return out
+
+
+def merge(shard_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Gather the outputs of `generate` on disjoint class shards into one SyntheticSet.
+
+    Images are copied (shards may live on different volumes); the folder appears whole or not at all.
+    """
+    import dataclasses
+    import shutil
+
+    from datadream.io import staged_dir
+
+    out = Path(out)
+    shard_dirs = [Path(d) for d in shard_dirs]
+    for d in shard_dirs:
+        if not (d / MARKER).exists():
+            raise UserError(f"{d}: no {MARKER} (not a finished generate output)")
+    summaries = [read_json(d / MARKER) for d in shard_dirs]
+    fingerprint = sha256_json(sorted(s["fingerprint"] for s in summaries))
+    if check_output_dir(out, MARKER, fingerprint):
+        return out
+    with staged_dir(out) as tmp:
+        records: list[Record] = []
+        for d in shard_dirs:
+            for r in read_manifest(d / "manifest.jsonl"):
+                dest = tmp / Path(r.path).relative_to(d)
+                if dest.exists():
+                    raise UserError(f"class {r.cls!r} appears in more than one shard ({d})")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(r.path, dest)
+                records.append(dataclasses.replace(r, path=str(dest)))
+        shutil.copyfile(shard_dirs[0] / "classes.json", tmp / "classes.json")
+        write_manifest(tmp / "manifest.jsonl", records)
+        atomic_write_json(tmp / MARKER, {
+            **{k: v for k, v in summaries[0].items() if k not in ("classes", "manifest_sha256")},
+            "fingerprint": fingerprint, "images": len(records), "shards": len(shard_dirs),
+            "classes": sorted({r.cls for r in records}), "manifest_sha256": sha256_file(tmp / "manifest.jsonl"),
+        })
+    log.info("generate: merged %d shard(s), %d images -> %s", len(shard_dirs), len(records), out)
     return out
