@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="make the demo dataset and run every stage on the tiny preset, both modes")
+    p = sub.add_parser("demo", help="make the demo dataset and run the pipeline on the tiny preset, both modes")
     p.add_argument("--out", default="demo-run", help="folder for the dataset and all artifacts (default demo-run)")
+    p.add_argument("--in-process", action="store_true",
+                   help="call the stages directly instead of running the pipeline under kfp.local")
     _config_args(p, default_preset="tiny")
 
     p = sub.add_parser("demo-dataset", help="write the procedural demo dataset (ImageFolder with splits)")
@@ -87,7 +89,130 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val"), help="which split (default test)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.csv)")
     _config_args(p)
+    _pipeline_parser(sub)
     return parser
+
+
+def _pipeline_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, upload, submit, schedule")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def cluster_args(a):
+        a.add_argument("--image", help="container image of every step (default $DATADREAM_IMAGE or the built one)")
+        a.add_argument("--gpu-node-selector", metavar="KEY=VALUE", help="label of the GPU node group")
+        a.add_argument("--gpu-taint", metavar="KEY:EFFECT", help="taint of the GPU node group to tolerate")
+
+    def server_args(a):
+        a.add_argument("--host", required=True, help="Kubeflow Pipelines API, e.g. http://localhost:8080")
+        a.add_argument("--token", help="bearer token (default $KFP_TOKEN; never printed)")
+        a.add_argument("--namespace", help="Kubeflow profile namespace (multi-user)")
+        a.add_argument("--package", help="a compiled YAML to use instead of compiling now")
+        cluster_args(a)
+
+    def params_arg(a):
+        a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="pipeline parameter, e.g. --param shots=8 --param train_on='[\"synthetic\"]'")
+
+    a = actions.add_parser("compile", help="write the pipeline YAML (same inputs, byte-identical output)")
+    a.add_argument("-o", "--output", default="datadream.yaml", help="YAML path (default datadream.yaml)")
+    cluster_args(a)
+    params_arg(a)
+
+    a = actions.add_parser("run", help="run the pipeline (--local: kfp.local SubprocessRunner, tiny preset)")
+    a.add_argument("--local", action="store_true", required=True, help="run on this machine")
+    a.add_argument("--root", default="pipeline-runs", help="local pipeline root (default pipeline-runs)")
+    params_arg(a)
+
+    a = actions.add_parser("upload", help="upload the pipeline and a new version named from version + git sha")
+    server_args(a)
+    a.add_argument("--name", default="datadream", help="pipeline name in the UI (default datadream)")
+
+    a = actions.add_parser("submit", help="start one run")
+    server_args(a)
+    params_arg(a)
+    a.add_argument("--experiment", default="datadream", help="experiment (created if missing)")
+    a.add_argument("--run-name", help="display name of the run")
+
+    a = actions.add_parser("schedule", help="create a recurring run (KFP cron: 6 fields, seconds first)")
+    server_args(a)
+    params_arg(a)
+    a.add_argument("--cron", required=True, help="e.g. '0 0 3 * * 1' = Mondays 03:00 UTC")
+    a.add_argument("--experiment", default="datadream", help="experiment (created if missing)")
+    a.add_argument("--name", default="datadream-weekly", help="name of the recurring run")
+
+
+LOCAL_DEFAULTS = {"dataset": "demo", "preset": "tiny", "shots": 4, "images_per_class": 12, "sd_model": "tiny",
+                  "clip_model": "tiny", "clip_pretrained": "", "train_on": ["synthetic", "synthetic+real"]}
+
+
+def _cluster_settings(args):
+    from pipelines.pipeline import ClusterSettings
+
+    kw = {"image": args.image} if args.image is not None else {}
+    if args.gpu_node_selector:
+        key, sep, value = args.gpu_node_selector.partition("=")
+        if not sep or not key:
+            raise UserError(f"--gpu-node-selector {args.gpu_node_selector!r}: expected KEY=VALUE")
+        kw["gpu_node_selector"] = (key, value)
+    if args.gpu_taint:
+        key, sep, effect = args.gpu_taint.partition(":")
+        if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise UserError(f"--gpu-taint {args.gpu_taint!r}: expected KEY:NoSchedule|PreferNoSchedule|NoExecute")
+        kw["gpu_toleration"] = (key, effect)
+    return ClusterSettings(**kw)
+
+
+def _package(args, workdir) -> str:
+    """The YAML to send: --package, or the pipeline compiled now with the given cluster settings."""
+    from pathlib import Path
+
+    from pipelines.pipeline import compile_pipeline
+
+    if args.package:
+        if not Path(args.package).is_file():
+            raise UserError(f"--package {args.package}: file not found")
+        return args.package
+    return str(compile_pipeline(Path(workdir) / "datadream.yaml", _cluster_settings(args)))
+
+
+def run_pipeline_command(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import client as kfp_client
+    from pipelines.pipeline import compile_pipeline, run_local
+
+    if args.action == "compile":
+        out = compile_pipeline(args.output, _cluster_settings(args))
+        if args.param:  # validate against the compiled signature, then bake the defaults in
+            params = kfp_client.parse_params(args.param, out)
+            compile_pipeline(args.output, _cluster_settings(args), parameters=params)
+        sys.stdout.write(f"{args.output}\n")
+        return
+    if args.action == "run":
+        with tempfile.TemporaryDirectory() as tmp:
+            params = kfp_client.parse_params(args.param, compile_pipeline(Path(tmp) / "p.yaml"))
+        run_dir = run_local(args.root, {**LOCAL_DEFAULTS, **params})
+        sys.stdout.write(f"{run_dir}\n")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        package = _package(args, tmp)
+        params = kfp_client.parse_params(getattr(args, "param", []), package)
+        if args.action == "schedule":
+            kfp_client.validate_cron(args.cron)  # before any network call
+        client = kfp_client.connect(args.host, token=args.token, namespace=args.namespace)
+        if args.action == "upload":
+            from datadream import __version__
+
+            version = kfp_client.version_name(__version__, kfp_client.git_sha(Path(__file__).parent))
+            ids = kfp_client.upload(client, package, args.name, version)
+            sys.stdout.write(f"pipeline {ids[0]} version {ids[1]} ({version})\n")
+        elif args.action == "submit":
+            run_id = kfp_client.submit(client, package, params, args.experiment, args.run_name)
+            sys.stdout.write(f"run {run_id}\n")
+        elif args.action == "schedule":
+            rr = kfp_client.schedule(client, package, args.cron, params, args.experiment, args.name)
+            sys.stdout.write(f"recurring run {rr}\n")
 
 
 def _setup_logging(args) -> None:
@@ -95,8 +220,10 @@ def _setup_logging(args) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
-    # The libraries' own per-call progress bars would drown ours; keep their warnings.
-    for name in ("diffusers", "transformers"):
+        # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that.
+        logging.getLogger().addFilter(lambda record: record.levelno >= logging.WARNING)
+    # The libraries' own chatter would drown ours; keep their warnings (and kfp.local's task log unless -q).
+    for name in ("diffusers", "transformers", *(("kfp",) if args.quiet else ())):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import diffusers.utils.logging as dlog
@@ -119,8 +246,16 @@ def run_command(args) -> None:
     if cmd == "demo":
         from datadream.demo import format_table, run_demo
 
-        results = run_demo(_load(args), args.out)
+        if args.in_process:
+            results = run_demo(_load(args), args.out)
+        else:
+            from pipelines.local_demo import run_demo as run_pipeline_demo
+
+            results = run_pipeline_demo(_load(args), args.out, args.preset, args.config, args.overrides)
         sys.stdout.write(format_table(results) + "\n")
+        return
+    if cmd == "pipeline":
+        run_pipeline_command(args)
         return
     if cmd == "fewshot":
         from datadream.stages import fewshot

@@ -9,7 +9,7 @@ import pytest
 
 from datadream.cli import build_parser, main
 
-COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate"]
+COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate", "pipeline"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -19,7 +19,7 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: datadream" in out
-    if command not in (None, "demo-dataset"):
+    if command not in (None, "demo-dataset", "pipeline"):
         assert "--set SECTION.KEY=VALUE" in out and "--preset" in out
 
 
@@ -81,26 +81,52 @@ def test_stage_commands_chain(tmp_path, capsys, demo_dataset):
     assert printed == {k: stored[k] for k in ("top1", "top5", "n")} and stored["n"] == 6 * 16
 
 
-@pytest.mark.slow
-def test_demo_runs_every_stage_and_prints_the_table(tmp_path, capsys):
-    out = tmp_path / "demo"
-    fast = ["--set", "adapt.epochs=2", "--set", "generate.images_per_class=4", "--set", "generate.steps=2",
-            "--set", "classify.epochs=3"]
-    assert main(["-q", "demo", "--out", str(out), *fast]) == 0
-    table = capsys.readouterr().out
-    settings = ["zero-shot", "real only", "synthetic (class-wise)", "synthetic+real (class-wise)",
-                "synthetic (dataset-wise)", "synthetic+real (dataset-wise)"]
-    for s in settings:
+SETTINGS = ["zero-shot", "real only", "synthetic (class-wise)", "synthetic+real (class-wise)",
+            "synthetic (dataset-wise)", "synthetic+real (dataset-wise)"]
+FAST_DEMO = ["--set", "adapt.epochs=2", "--set", "generate.images_per_class=4", "--set", "generate.steps=2",
+             "--set", "classify.epochs=3"]
+
+
+def _check_table(out: Path, table: str) -> dict:
+    for s in SETTINGS:
         assert s in table
     results = json.loads((out / "results.json").read_text())
-    assert [r["setting"] for r in results["rows"]] == settings
+    assert [r["setting"] for r in results["rows"]] == SETTINGS
     for r in results["rows"]:
         metrics = json.loads(Path(r["metrics"]).read_text())
         assert metrics["top1"] == r["top1"] and 0 <= r["top1"] <= r["top5"] <= 1
+        assert (Path(r["classifier"]) / "classifier.json").is_file()
+    return results
+
+
+@pytest.mark.slow
+def test_demo_runs_the_pipeline_locally_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), *FAST_DEMO]) == 0
+    results = _check_table(out, capsys.readouterr().out)
+    assert results["engine"].startswith("kfp.local") and len(results["runs"]) == 2
+    assert len(results["reports"]) == 2 and all("<table" in Path(r).read_text() for r in results["reports"])
+    # The --set overrides reached the pipeline's steps through its config parameter.
+    syn = next(Path(results["runs"][0]).glob("gather*/synthetic/generate.json"))
+    assert json.loads(syn.read_text())["images_per_class"] == 4
+
+
+@pytest.mark.slow
+def test_demo_in_process_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--in-process", "--out", str(out), *FAST_DEMO]) == 0
+    _check_table(out, capsys.readouterr().out)
     for folder in ("fewshot/fewshot.json", "adapters-class/adapter.json", "adapters-dataset/adapter.json",
                    "synthetic-class/generate.json", "synthetic-dataset/generate.json"):
         assert (out / folder).is_file()
     # A second run finds every stage finished and redoes nothing.
     stamp = (out / "adapters-class" / "adapter.json").stat().st_mtime_ns
-    assert main(["-q", "demo", "--out", str(out), *fast]) == 0
+    assert main(["-q", "demo", "--in-process", "--out", str(out), *FAST_DEMO]) == 0
     assert (out / "adapters-class" / "adapter.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("action", ["compile", "run", "upload", "submit", "schedule"])
+def test_pipeline_actions_have_help(action, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", action, "--help"])
+    assert e.value.code == 0 and f"usage: datadream pipeline {action}" in capsys.readouterr().out

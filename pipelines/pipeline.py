@@ -1,0 +1,194 @@
+"""The `datadream` pipeline: fewshot → adapt → generate → gather → classify → evaluate → summarize.
+
+Class-wise mode fans adaptation *and* generation out over shards of classes (one GPU process per
+shard loads SD once and trains its classes' adapters, then generates their images); dataset-wise
+mode trains one adapter and fans generation out over the same shards. The number of shards is the
+`gpus` parameter, so a run uses as many GPUs at once as it asks for (KFP's ParallelFor limit is a
+compile-time number, so the fan-out width is set through the shard count instead).
+
+`compile_pipeline` writes the YAML the Kubeflow UI runs; `run_local` runs the same pipeline function
+with kfp.local's SubprocessRunner (the laptop default).
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datadream.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "datadream"
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How tasks are placed on the cluster; set at compile time (infra/terraform must agree)."""
+
+    image: str | None = None  # None = components.image_reference()
+    gpu_node_selector: tuple[str, str] = ("datadream.io/node-pool", "gpu")
+    gpu_toleration: tuple[str, str] = ("nvidia.com/gpu", "NoSchedule")  # key, effect (operator Exists)
+    gpu_cpu: str = "8"
+    gpu_memory: str = "48Gi"
+    shm_size: str = "16Gi"
+    cpu_cpu: str = "2"
+    cpu_memory: str = "8Gi"
+    retries: int = 2
+    # Settings reach the tasks from the cluster, never as pipeline parameters (secrets least of all).
+    config_map: str = "datadream-config"
+    config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                                        "DATADREAM_CACHE", "HF_HOME")
+    secret: str = "datadream-secrets"
+    secret_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
+    extra: dict = field(default_factory=dict)
+
+
+def _common(task, s: ClusterSettings):
+    from kfp import kubernetes as k8s
+
+    k8s.use_config_map_as_env(task, s.config_map, {k: k for k in s.config_map_keys}, optional=True)
+    k8s.use_secret_as_env(task, s.secret, {k: k for k in s.secret_keys}, optional=True)
+    return task
+
+
+def on_cpu(task, s: ClusterSettings):
+    task.set_cpu_request(s.cpu_cpu).set_memory_request(s.cpu_memory)
+    task.set_retry(num_retries=s.retries, backoff_duration="30s", backoff_factor=2.0)
+    return _common(task, s)
+
+
+def on_gpu(task, s: ClusterSettings):
+    """One NVIDIA GPU on the GPU node group; /dev/shm in memory for DataLoader workers; retries."""
+    from kfp import kubernetes as k8s
+
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    task.set_cpu_request(s.gpu_cpu).set_memory_request(s.gpu_memory)
+    task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
+    k8s.add_node_selector(task, *s.gpu_node_selector)
+    k8s.add_toleration(task, key=s.gpu_toleration[0], operator="Exists", effect=s.gpu_toleration[1])
+    k8s.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=s.shm_size)
+    return _common(task, s)
+
+
+def build_pipeline(settings: ClusterSettings | None = None):
+    """The pipeline function, with every component in `settings.image`."""
+    from kfp import dsl
+
+    import components
+
+    s = settings or ClusterSettings()
+    ops = components.build(components.image_reference() if s.image is None else s.image)
+
+    def tail(fs, synthetic, mode: str, train_on, preset, config, clip_model, clip_pretrained):
+        """classify + evaluate for each requested training set, then one summary report."""
+        with dsl.ParallelFor(train_on) as setting:
+            clf = on_gpu(ops.classify(fewshot_set=fs.outputs["fewshot_set"], synthetic=synthetic,
+                                      train_on=setting, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                                      preset=preset, config=config), s)
+            ev = on_cpu(ops.evaluate(fewshot_set=fs.outputs["fewshot_set"], classifier=clf.outputs["classifier"],
+                                     synthetic=synthetic, train_on=setting, mode=mode, preset=preset,
+                                     config=config), s)
+        on_cpu(ops.summarize(scores=dsl.Collected(ev.outputs["scores"]), synthetic=synthetic,
+                             fewshot_set=fs.outputs["fewshot_set"]), s)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DataDream: LoRA-adapt Stable Diffusion to k shots per class, synthesize a training set, "
+        "train a CLIP LoRA classifier on it and evaluate it on the real test split.",
+    )
+    def datadream(
+        dataset: str = "demo",
+        shots: int = 16,
+        seed: int = 1,
+        mode: str = "class",
+        images_per_class: int = 500,
+        train_on: list = ["synthetic"],  # noqa: B006 - a KFP parameter default, never mutated
+        gpus: int = 1,
+        sd_model: str = "stabilityai/stable-diffusion-2-1-base",
+        clip_model: str = "ViT-B-16",
+        clip_pretrained: str = "openai",
+        preset: str = "paper",
+        config: str = "",
+    ):
+        """Parameters:
+
+        dataset: ImageFolder path or URI of the labelled dataset; "demo" = the procedural demo dataset.
+        shots: real images per class (1..16).
+        seed: sampling and training seed.
+        mode: "class" (one SD adapter per class) or "dataset" (one for all classes).
+        images_per_class: synthetic images per class.
+        train_on: classifiers to train: any of "synthetic", "synthetic+real", "real", "zero-shot".
+        gpus: GPUs to use at once = class shards of the SD fan-out.
+        sd_model, clip_model, clip_pretrained: base models (Hub id, folder, open_clip name/tag).
+        preset: "paper" (REFERENCE.md settings) or "tiny" (CPU smoke run).
+        config: YAML overrides of any setting, layered on the preset.
+        """
+        fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=gpus, mode=mode,
+                                preset=preset, config=config), s)
+        fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
+        fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
+        shard_list = fs.outputs["shard_list"]
+        common = {"preset": preset, "config": config}
+
+        with dsl.If(mode == "class", name="class-wise"):
+            with dsl.ParallelFor(shard_list, name="class-shards") as shard:
+                ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="class", shard=shard,
+                                      sd_model=sd_model, **common), s)
+                gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
+                                          images_per_class=images_per_class, sd_model=sd_model, **common), s)
+            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
+            tail(fs, syn.outputs["synthetic"], "class", train_on, preset, config, clip_model, clip_pretrained)
+
+        with dsl.Else(name="dataset-wise"):
+            ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="dataset", shard="",
+                                  sd_model=sd_model, **common), s)
+            with dsl.ParallelFor(shard_list, name="generate-shards") as shard:
+                gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
+                                          images_per_class=images_per_class, sd_model=sd_model, **common), s)
+            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
+            tail(fs, syn.outputs["synthetic"], "dataset", train_on, preset, config, clip_model, clip_pretrained)
+
+    return datadream
+
+
+def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings | None = None,
+                     parameters: dict | None = None) -> Path:
+    """Compile to YAML; the same inputs give byte-identical output."""
+    from kfp import compiler
+
+    package_path = Path(package_path)
+    package_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(settings), str(package_path), pipeline_parameters=parameters)
+    log.info("compiled %s -> %s", PIPELINE_NAME, package_path)
+    return package_path
+
+
+def run_local(root: str | os.PathLike, arguments: dict) -> Path:
+    """Run the pipeline with kfp.local's SubprocessRunner in this environment; returns the run folder."""
+    from kfp import local
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # kfp.local runs ParallelFor iterations as concurrent processes; with torch's default of one thread
+    # per core each, they oversubscribe the CPU many times over. One thread per task process instead.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    before = set(root.iterdir())
+    pipeline = build_pipeline()
+    # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr.
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+            pipeline(**arguments)
+    except TypeError as e:
+        raise UserError(f"pipeline arguments: {e}") from None
+    new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    if not new:
+        raise RuntimeError(f"kfp.local wrote no run folder under {root}")
+    return new[-1]

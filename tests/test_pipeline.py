@@ -1,0 +1,206 @@
+"""The compiled `datadream` pipeline (IR), its kfp.local run, and the `datadream pipeline` commands."""
+
+import json
+from pathlib import Path
+
+import kfp
+import pytest
+import yaml
+from kfp_fake import FakeKFP
+
+from datadream.cli import main
+from datadream.data.manifest import read_manifest
+from pipelines.pipeline import ClusterSettings, compile_pipeline
+
+GPU_STEPS = {"adapt", "generate", "classify"}
+TOKEN = "kfp-token-do-not-print"
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    path = compile_pipeline(tmp_path_factory.mktemp("ir") / "datadream.yaml")
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}, "path": path}
+
+
+def _tasks(dag: dict, components: dict, out: dict | None = None) -> dict:
+    """Every task in the DAG, recursively through If/ParallelFor sub-DAGs: name -> task spec."""
+    out = {} if out is None else out
+    for name, task in dag["tasks"].items():
+        out[name] = task
+        sub = components[task["componentRef"]["name"]].get("dag")
+        if sub:
+            _tasks(sub, components, out)
+    return out
+
+
+def _step(task_name: str) -> str:
+    return task_name.rsplit("-", 1)[0] if task_name[-1].isdigit() else task_name
+
+
+def test_gpu_resources_and_placement_on_exactly_the_gpu_steps(ir):
+    spec, platform = ir["spec"], ir["platform"]
+    tasks = _tasks(spec["root"]["dag"], spec["components"])
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    steps = {_step(n): n for n in tasks if not n.startswith(("condition", "for-loop"))}
+    assert set(map(_step, steps)) == {"fewshot", "adapt", "generate", "gather", "classify", "evaluate", "summarize"}
+    for name, task in tasks.items():
+        if name.startswith(("condition", "for-loop")):
+            continue
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        resources = executors[executor]["container"].get("resources", {})
+        placement = k8s.get(executor, {})
+        if _step(name) in GPU_STEPS:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert placement["nodeSelector"]["labels"] == {"datadream.io/node-pool": "gpu"}
+            assert placement["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert placement["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+        else:
+            assert "accelerator" not in resources and "nodeSelector" not in placement, name
+            assert "tolerations" not in placement
+        # Settings and secrets come from the cluster, optional, never as parameters.
+        assert placement["configMapAsEnv"][0]["configMapName"] == "datadream-config"
+        assert placement["secretAsEnv"][0]["secretName"] == "datadream-secrets"
+
+
+def test_fan_out_follows_the_gpus_parameter(ir):
+    spec = ir["spec"]
+    tasks = _tasks(spec["root"]["dag"], spec["components"])
+    loops = {n: t for n, t in tasks.items() if n.startswith("for-loop")}
+    shard_loops = [t for t in loops.values() if t.get("parameterIterator", {}).get("items", {}).get("inputParameter")
+                   and "shard_list" in json.dumps(t)]
+    assert len(shard_loops) == 2  # class-wise adapt+generate, dataset-wise generate
+    assert tasks["fewshot"]["inputs"]["parameters"]["shards"]["componentInputParameter"] == "gpus"
+    branches = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items() if "triggerPolicy" in t}
+    assert sorted(branches.values()) == sorted([
+        "inputs.parameter_values['pipelinechannel--mode'] == 'class'",
+        "!(inputs.parameter_values['pipelinechannel--mode'] == 'class')"])
+
+
+def test_caching_and_parameter_defaults(ir):
+    spec = ir["spec"]
+    tasks = _tasks(spec["root"]["dag"], spec["components"])
+    assert tasks["fewshot"]["cachingOptions"] == {}  # reads a mutable location: never cached
+    assert tasks["adapt"]["cachingOptions"] == {"enableCache": True}
+    # adapt's cache key carries the content hash of the few-shot manifests, not a location.
+    assert tasks["adapt"]["inputs"]["parameters"]["data_hash"] == {
+        "componentInputParameter": "pipelinechannel--fewshot-data_hash"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = {k: v.get("defaultValue") for k, v in params.items()}
+    assert defaults == {
+        "dataset": "demo", "shots": 16, "seed": 1, "mode": "class", "images_per_class": 500,
+        "train_on": ["synthetic"], "gpus": 1, "sd_model": "stabilityai/stable-diffusion-2-1-base",
+        "clip_model": "ViT-B-16", "clip_pretrained": "openai", "preset": "paper", "config": ""}
+    assert "token" not in json.dumps(params).lower() and "secret" not in json.dumps(params).lower()
+
+
+def test_compile_is_deterministic_and_takes_cluster_settings(tmp_path, ir):
+    again = compile_pipeline(tmp_path / "again.yaml")
+    assert again.read_bytes() == ir["path"].read_bytes()
+    custom = compile_pipeline(tmp_path / "custom.yaml", ClusterSettings(
+        image="registry.example/dd:1.2.3", gpu_node_selector=("pool", "g6"), gpu_toleration=("gpu", "NoExecute")))
+    docs = list(yaml.safe_load_all(custom.read_text()))
+    images = {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/dd:1.2.3"}
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    selectors = [e["nodeSelector"]["labels"] for e in k8s.values() if "nodeSelector" in e]
+    assert selectors and all(s == {"pool": "g6"} for s in selectors)
+    # Lightweight components: the image carries kfp, nothing is pip-installed at run time.
+    command = " ".join(next(iter(docs[0]["deploymentSpec"]["executors"].values()))["container"]["command"])
+    assert "pip install" not in command
+
+
+def test_cli_compile_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "p.yaml")
+    assert main(["-q", "pipeline", "compile", "-o", out, "--param", "shotz=3"]) == 2
+    assert "no parameter 'shotz'" in capsys.readouterr().err
+    assert main(["-q", "pipeline", "compile", "-o", out, "--image", ""]) == 2
+    assert "--image ''" in capsys.readouterr().err
+    assert main(["-q", "pipeline", "compile", "-o", out, "--gpu-taint", "nvidia.com/gpu"]) == 2
+    assert main(["-q", "pipeline", "compile", "-o", out, "--param", "shots=8"]) == 0
+    params = next(yaml.safe_load_all(Path(out).read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert params["shots"]["defaultValue"] == 8
+
+
+@pytest.fixture
+def kfp_home(monkeypatch, tmp_path):
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+
+
+def test_cli_upload_submit_schedule_against_a_kfp_api(tmp_path, capsys, caplog, kfp_home):
+    with FakeKFP(token=TOKEN) as server:
+        base = ["pipeline"]
+        conn = ["--host", server.url, "--token", TOKEN]
+        assert main([*base, "upload", *conn]) == 0
+        uploads = server.find("POST", "/apis/v2beta1/pipelines/upload")
+        assert len(uploads) == 1
+        spec = next(yaml.safe_load_all(next(iter(uploads[0].files.values()))[1]))
+        assert spec["pipelineInfo"]["name"] == "datadream"
+        version = server.find("POST", "/apis/v2beta1/pipelines/upload_version")[0].query["name"]
+        assert version.startswith("0.1.0")
+
+        assert main([*base, "submit", *conn, "--experiment", "nightly", "--param", "shots=4",
+                     "--param", "mode=dataset"]) == 0
+        run = server.find("POST", "/apis/v2beta1/runs")[0].json
+        assert run["runtime_config"]["parameters"] == {"shots": 4, "mode": "dataset"}
+        # With Kubernetes settings the package has two documents; both reach the server.
+        assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "datadream"
+        assert "nodeSelector" in json.dumps(run["pipeline_spec"]["platform_spec"])
+
+        assert main([*base, "schedule", *conn, "--cron", "0 0 3 * * 1", "--param", "gpus=4"]) == 0
+        rr = server.find("POST", "/apis/v2beta1/recurringruns")[0].json
+        assert rr["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
+        assert rr["max_concurrency"] in (1, "1") and rr["no_catchup"] is True
+        assert rr["runtime_config"]["parameters"] == {"gpus": 4}
+        assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in server.requests)
+        seen = len(server.requests)
+
+        # Bad input: one line, exit 2, and a bad cron or parameter never reaches the server.
+        assert main(["-q", *base, "schedule", *conn, "--cron", "0 3 * * 1"]) == 2
+        assert "6 fields" in capsys.readouterr().err.strip()
+        assert main(["-q", *base, "submit", *conn, "--param", "nope=1"]) == 2
+        assert "no parameter 'nope'" in capsys.readouterr().err
+        assert len(server.requests) == seen
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err and all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+def test_cli_unreachable_host(capsys, kfp_home):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["-q", "pipeline", "submit", "--host", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach" in err[0]
+
+
+@pytest.mark.slow
+def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
+    fast = ["--param", "gpus=2", "--param", "shots=2", "--param", "images_per_class=2",
+            "--param", 'train_on=["synthetic+real", "zero-shot"]',
+            "--param", "config=adapt: {max_steps: 2}\ngenerate: {steps: 2}\nclassify: {epochs: 1}\n"]
+    assert main(["-q", "pipeline", "run", "--local", "--root", str(tmp_path), *fast]) == 0
+    run = Path(capsys.readouterr().out.strip())
+    assert run.parent == tmp_path
+    fewshot = json.loads((run / "fewshot" / "fewshot_set" / "fewshot.json").read_text())
+    assert fewshot["shots"] == 2 and fewshot["classes"] == 6
+    # Two shards, each adapting and generating its own three classes.
+    adapters = sorted(run.glob("for-loop-*/adapt/adapters/adapter.json"))
+    assert len(adapters) == 2
+    shard_classes = [set(json.loads(p.read_text())["classes"]) for p in adapters]
+    assert len(shard_classes[0]) == len(shard_classes[1]) == 3 and not shard_classes[0] & shard_classes[1]
+    synthetic = read_manifest(run / "gather" / "synthetic" / "manifest.jsonl")
+    assert len(synthetic) == 6 * 2 and {r.cls for r in synthetic} == shard_classes[0] | shard_classes[1]
+    settings = {json.loads(p.read_text())["label"] for p in run.glob("for-loop-*/evaluate/scores/setting.json")}
+    assert settings == {"synthetic+real (class-wise)", "zero-shot"}
+    for metrics in run.glob("for-loop-*/evaluate/scores/metrics.json"):
+        m = json.loads(metrics.read_text())
+        assert m["n"] == 96 and sum(map(sum, m["confusion"])) == 96
+    report = (run / "summarize" / "report").read_text()
+    assert "zero-shot" in report and "data:image/png;base64," in report
