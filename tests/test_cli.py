@@ -109,6 +109,9 @@ def test_demo_runs_the_pipeline_locally_and_prints_the_table(tmp_path, capsys):
     # The --set overrides reached the pipeline's steps through its config parameter.
     syn = next(Path(results["runs"][0]).glob("gather*/synthetic/generate.json"))
     assert json.loads(syn.read_text())["images_per_class"] == 4
+    # The second run is dataset-wise: one adapter for all six classes.
+    index = json.loads(next(Path(results["runs"][1]).glob("adapt*/adapters/adapter.json")).read_text())
+    assert index["mode"] == "dataset" and set(index["classes"].values()) == {"dataset"} and len(index["classes"]) == 6
 
 
 @pytest.mark.slow
