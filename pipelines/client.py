@@ -37,6 +37,8 @@ from datadream.errors import UserError
 log = logging.getLogger("datadream.kfp")
 
 TOKEN_ENV = "KFP_TOKEN"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp's own name for it
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 15.0
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
@@ -48,9 +50,10 @@ HEALTHZ_PATH = "/apis/v2beta1/healthz"
 def connect(host: str, token: str | None = None, namespace: str | None = None) -> kfp.Client:
     """A `kfp.Client` for `host` (http(s)://…), after checking the API answers within a few seconds.
 
-    The token comes from `token`, else env `KFP_TOKEN`, else none: with an explicit host kfp sends no
-    credentials of its own (it skips kube config), apart from a cookie/header saved in
-    ~/.config/kfp/context.json. `namespace` is the user's profile namespace on multi-user Kubeflow.
+    The token comes from `token`, else env `KFP_TOKEN`, else the pod's Kubeflow service-account token,
+    else none: with an explicit host kfp sends no credentials of its own (it skips kube config), apart
+    from a cookie/header saved in ~/.config/kfp/context.json. `namespace` is the user's profile
+    namespace on multi-user Kubeflow.
     """
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -58,8 +61,7 @@ def connect(host: str, token: str | None = None, namespace: str | None = None) -
     if parts.username or parts.password:
         raise UserError("--host: the URL must not carry credentials; pass --token or set KFP_TOKEN")
     host = host.rstrip("/")
-    source = "--token" if token else TOKEN_ENV
-    token = (token or os.environ.get(TOKEN_ENV) or "").strip() or None
+    token, source = _token(token)
     _probe(host, token)
 
     kwargs: dict[str, Any] = {"host": host, "existing_token": token}
@@ -74,6 +76,19 @@ def connect(host: str, token: str | None = None, namespace: str | None = None) -
     log.info("KFP API at %s%s%s", host, f", namespace {namespace}" if namespace else "",
              f", bearer token from {source}" if token else ", no token")
     return client
+
+
+def _token(token: str | None) -> tuple[str | None, str]:
+    """The bearer token and where it came from: --token, $KFP_TOKEN, or the Kubeflow service-account
+    token projected into pods (multi-user Kubeflow; path from $KF_PIPELINES_SA_TOKEN_PATH)."""
+    if token and token.strip():
+        return token.strip(), "--token"
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+    path = Path(os.environ.get(SA_TOKEN_PATH_ENV) or SA_TOKEN_PATH)
+    if path.is_file():
+        return path.read_text().strip() or None, f"the service-account token at {path}"
+    return None, ""
 
 
 def _probe(host: str, token: str | None) -> None:

@@ -24,6 +24,7 @@ TOKEN = "tok-3f9a-never-log-me"
 def _isolated_kfp(monkeypatch, tmp_path):
     """kfp.Client reads ~/.config/kfp/context.json (namespace, auth header) and KF_PIPELINES_* env vars."""
     monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-sa-token"))
     for var in ("KFP_TOKEN", "KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
                 "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME", "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
@@ -99,6 +100,15 @@ def test_connect_sends_token_from_env(kfp_server, monkeypatch):
     monkeypatch.setenv("KFP_TOKEN", TOKEN + "\n")  # a token file read into env keeps its newline
     kc.connect(kfp_server.url)
     assert kfp_server.requests
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in kfp_server.requests)
+
+
+def test_connect_uses_the_pods_service_account_token(kfp_server, monkeypatch, tmp_path):
+    # Multi-user Kubeflow projects a token into pods; kfp names its path KF_PIPELINES_SA_TOKEN_PATH.
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    kc.connect(kfp_server.url)
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in kfp_server.requests)
 
 

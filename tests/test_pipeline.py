@@ -129,6 +129,7 @@ def test_cli_compile_bad_input(tmp_path, capsys):
 def kfp_home(monkeypatch, tmp_path):
     monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
     monkeypatch.delenv("KFP_TOKEN", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-sa-token"))
 
 
 def test_cli_upload_submit_schedule_against_a_kfp_api(tmp_path, capsys, caplog, kfp_home):
