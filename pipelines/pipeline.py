@@ -185,6 +185,8 @@ def run_local(root: str | os.PathLike, arguments: dict) -> Path:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+            # The steps run in this environment, which has `datadream` installed like the image does.
+            warnings.filterwarnings("ignore", message=".*non-Python base image")
             pipeline(**arguments)
     except TypeError as e:
         raise UserError(f"pipeline arguments: {e}") from None
