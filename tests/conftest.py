@@ -15,6 +15,10 @@ import pytest
 
 from datadream.config import Config, load_config
 
+# Real servers on loopback (moto S3, Postgres databases, mlflow server) and the autouse fixtures that
+# give every test fake AWS credentials and its own MLflow store, so no test can reach a real one.
+pytest_plugins = ["servers"]
+
 
 @pytest.fixture(scope="session")
 def tiny():
