@@ -15,7 +15,7 @@ from datadream import __version__
 # The one place the image reference is set; `datadream pipeline compile --image` or $DATADREAM_IMAGE
 # override it at compile time.
 DEFAULT_IMAGE = f"ghcr.io/datadream/datadream:{__version__}"
-STEPS = ("fewshot", "adapt", "generate", "gather", "classify", "evaluate", "summarize")
+STEPS = ("fewshot", "adapt", "generate", "gather", "gather_adapters", "classify", "evaluate", "summarize", "register")
 
 
 def image_reference() -> str:

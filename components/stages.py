@@ -17,6 +17,7 @@ def fewshot(
     seed: int,
     shards: int,
     mode: str,
+    register_name: str,
     preset: str,
     config: str,
     fewshot_set: Output[Dataset],
@@ -30,6 +31,7 @@ def fewshot(
         seed: sampling seed.
         shards: how many class shards the GPU steps fan out over (the number of GPUs to use).
         mode: the run's adaptation mode, checked here before any GPU step starts.
+        register_name: when set, the MLflow tracking server is checked here too, before any GPU step.
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset (any section of the config).
         fewshot_set: the FewShotSet: classes.json, train/val/test manifests, the shots themselves.
@@ -48,6 +50,10 @@ def fewshot(
 
     cfg = load_config(preset, text=config, overrides=[f"fewshot.shots={shots}", f"fewshot.seed={seed}",
                                                       f"adapt.mode={mode}"])
+    if register_name:
+        from datadream.tracking import check_tracking
+
+        check_tracking()  # fail fast: an unreachable tracking server is reported before hours of GPU work
     if dataset == "demo":
         import tempfile
 
@@ -138,6 +144,19 @@ def gather(shards: Input[list[Dataset]], synthetic: Output[Dataset]):
     synthetic.metadata["shards"] = len(shards)
 
 
+def gather_adapters(shards: Input[list[Model]], adapters: Output[Model]):
+    """Gather the class-wise adapters of every shard into one Adapters folder with one index.
+
+    Args:
+        shards: the adapt fan-out's outputs.
+        adapters: every class's LoRA + one adapter.json index.
+    """
+    from datadream.stages import adapt as stage
+
+    stage.merge([s.path for s in shards], adapters.path)
+    adapters.metadata["shards"] = len(shards)
+
+
 def classify(
     fewshot_set: Input[Dataset],
     synthetic: Input[Dataset],
@@ -217,6 +236,7 @@ def evaluate(
                "label": train_on if train_on in ("zero-shot", "real") else f"{train_on} ({mode}-wise)"}
     atomic_write_json(work / "setting.json", setting)
     shutil.copyfile(Path(classifier.path) / "classifier.json", work / "classifier.json")
+    shutil.copytree(classifier.path, work / "classifier")  # LoRA + head: a few MB; register reads it here
     for name in ("top1", "top5", "mean_per_class"):
         metrics.log_metric(name, float(result[name]))
     confusion.log_confusion_matrix(result["classes"], result["confusion"])
@@ -250,3 +270,82 @@ def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_
                         "classifier": json.loads((d / "classifier.json").read_text())})
     write_report(report.path, render_html("DataDream run", results, synthetic_dir=synthetic.path,
                                           fewshot_dir=fewshot_set.path))
+
+
+def register(
+    fewshot_set: Input[Dataset],
+    adapters: Input[Model],
+    scores: Input[list[Artifact]],
+    register_name: str,
+    dataset: str,
+    data_hash: str,
+    mode: str,
+    shots: int,
+    seed: int,
+    sd_model: str,
+    clip_model: str,
+    clip_pretrained: str,
+    promote_margin: float,
+    promote_floor: float,
+    kfp_run_id: str,
+) -> NamedTuple("RegisterOutputs", [("classifier_version", str), ("adapters_version", str), ("decision", str)]):
+    """Register the adapters and the best classifier in MLflow; the gate decides on `champion`.
+
+    The classifier with the best *val* top-1 among this run's is registered as
+    `<register_name>-classifier` (alias `candidate`, lineage and test metrics as tags); it becomes
+    `champion` only if its test top-1 reaches `promote_floor` and beats the current champion by more
+    than `promote_margin`. The adapters become a version of `<register_name>-sd-lora`. Tracking goes to
+    $MLFLOW_TRACKING_URI (from the datadream-config ConfigMap). An empty `register_name` skips it.
+
+    Args:
+        fewshot_set: the FewShotSet (lineage: its manifest hashes).
+        adapters: the run's SD LoRA adapters (all classes, one index).
+        scores: the evaluate steps' outputs (metrics, setting, classifier).
+        register_name: registry prefix; "" = do not register.
+        dataset, data_hash, mode, shots, seed, sd_model, clip_model, clip_pretrained: lineage tags.
+        promote_margin: how much better than the champion a candidate must be.
+        promote_floor: the least test top-1 a champion must have.
+        kfp_run_id: the KFP run, for lineage.
+    Returns:
+        classifier_version, adapters_version: the new registry versions ("" when skipped).
+        decision: the gate's decision ("promoted", "rejected: …", or "skipped").
+    """
+    import json
+    import subprocess
+    from collections import namedtuple
+    from pathlib import Path
+
+    from datadream import registry, tracking
+
+    outputs = namedtuple("RegisterOutputs", ["classifier_version", "adapters_version", "decision"])
+    if not register_name:
+        return outputs("", "", "skipped")
+    tracking.check_tracking()
+    results = []
+    for s in scores:
+        d = Path(s.path)
+        clf = json.loads((d / "classifier.json").read_text())
+        results.append((clf.get("best_val_top1") or 0.0, d, clf))
+    best_val, best, clf = max(results, key=lambda r: r[0])  # chosen on val, never on test
+    metrics = json.loads((best / "metrics.json").read_text())
+    setting = json.loads((best / "setting.json").read_text())
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    summary = json.loads((Path(fewshot_set.path) / "fewshot.json").read_text())
+    lineage = {"dataset": dataset, "data_hash": data_hash, "manifest_sha256": summary["manifest_sha256"]["train"],
+               "shots": shots, "seed": seed, "mode": mode, "sd_model": sd_model, "clip_model": clip_model,
+               "clip_pretrained": clip_pretrained, "train_on": setting["train_on"], "val_top1": best_val,
+               "git_sha": sha or None, "kfp_run_id": kfp_run_id}
+    # One MLflow run per pipeline run (found again by kfp.run_id on a retry); registration is its
+    # "register" stage, so the models' artifacts sit under the experiment, beside its store.
+    parent = tracking.start_pipeline_run(register_name, {"kfp.run_id": kfp_run_id, "git_sha": sha or None,
+                                                         "data_hash": data_hash})
+    with tracking.stage_run(parent, "register", {"name": register_name, "margin": promote_margin,
+                                                 "floor": promote_floor}):
+        tracking.log_final_metrics({f"test_{k}": metrics[k] for k in ("top1", "top5", "mean_per_class")})
+        tracking.log_artifact_file(best / "metrics.json", "evaluation")
+        adapters_version = registry.register_adapters(register_name, adapters.path, lineage)
+        version = registry.register_classifier(register_name, best / "classifier", metrics,
+                                               {**lineage, "adapter_version": adapters_version})
+        gate = registry.promote_if_better(register_name, version, margin=promote_margin, floor=promote_floor)
+    tracking.finish_pipeline_run(parent)
+    return outputs(version, adapters_version, f"{gate['decision']}: {gate['reason']}")

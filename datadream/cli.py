@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.csv)")
     _config_args(p)
     _pipeline_parser(sub)
+    from datadream import registry_cli
+
+    registry_cli.add_parser(sub)
     return parser
 
 
@@ -215,13 +218,21 @@ def run_pipeline_command(args) -> None:
             sys.stdout.write(f"recurring run {rr}\n")
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: main() may run many times in one process (tests, notebooks); log to the current stderr.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    root = logging.getLogger()
+    root.removeFilter(_warnings_only)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
         # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that.
-        logging.getLogger().addFilter(lambda record: record.levelno >= logging.WARNING)
+        root.addFilter(_warnings_only)
     # The libraries' own chatter would drown ours; keep their warnings (and kfp.local's task log unless -q).
     for name in ("diffusers", "transformers", *(("kfp",) if args.quiet else ())):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -256,6 +267,11 @@ def run_command(args) -> None:
         return
     if cmd == "pipeline":
         run_pipeline_command(args)
+        return
+    if cmd == "registry":
+        from datadream import registry_cli
+
+        registry_cli.run(args)
         return
     if cmd == "fewshot":
         from datadream.stages import fewshot

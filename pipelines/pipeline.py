@@ -84,8 +84,10 @@ def build_pipeline(settings: ClusterSettings | None = None):
     s = settings or ClusterSettings()
     ops = components.build(components.image_reference() if s.image is None else s.image)
 
-    def tail(fs, synthetic, mode: str, train_on, preset, config, clip_model, clip_pretrained):
-        """classify + evaluate for each requested training set, then one summary report."""
+    def tail(fs, synthetic, adapters, mode: str, p: dict):
+        """classify + evaluate for each requested training set, a summary report, registration."""
+        train_on, preset, config = p["train_on"], p["preset"], p["config"]
+        clip_model, clip_pretrained = p["clip_model"], p["clip_pretrained"]
         with dsl.ParallelFor(train_on) as setting:
             clf = on_gpu(ops.classify(fewshot_set=fs.outputs["fewshot_set"], synthetic=synthetic,
                                       train_on=setting, clip_model=clip_model, clip_pretrained=clip_pretrained,
@@ -95,6 +97,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                      config=config), s)
         on_cpu(ops.summarize(scores=dsl.Collected(ev.outputs["scores"]), synthetic=synthetic,
                              fewshot_set=fs.outputs["fewshot_set"]), s)
+        reg = on_cpu(ops.register(
+            fewshot_set=fs.outputs["fewshot_set"], adapters=adapters, scores=dsl.Collected(ev.outputs["scores"]),
+            register_name=p["register_name"], dataset=p["dataset"], data_hash=fs.outputs["data_hash"], mode=mode,
+            shots=p["shots"], seed=p["seed"], sd_model=p["sd_model"], clip_model=clip_model,
+            clip_pretrained=clip_pretrained, promote_margin=p["promote_margin"], promote_floor=p["promote_floor"],
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), s)
+        reg.set_caching_options(False)  # a side effect in the registry: never replayed from cache
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -114,6 +123,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
         clip_pretrained: str = "openai",
         preset: str = "paper",
         config: str = "",
+        register_name: str = "datadream",
+        promote_margin: float = 0.0,
+        promote_floor: float = 0.0,
     ):
         """Parameters:
 
@@ -127,9 +139,15 @@ def build_pipeline(settings: ClusterSettings | None = None):
         sd_model, clip_model, clip_pretrained: base models (Hub id, folder, open_clip name/tag).
         preset: "paper" (REFERENCE.md settings) or "tiny" (CPU smoke run).
         config: YAML overrides of any setting, layered on the preset.
+        register_name: MLflow registry prefix (<name>-classifier, <name>-sd-lora); "" = do not register.
+        promote_margin, promote_floor: the gate: a candidate becomes champion only with test top-1 ≥ floor
+            and > the champion's + margin.
         """
+        p = dict(dataset=dataset, shots=shots, seed=seed, train_on=train_on, sd_model=sd_model,
+                 clip_model=clip_model, clip_pretrained=clip_pretrained, preset=preset, config=config,
+                 register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor)
         fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=gpus, mode=mode,
-                                preset=preset, config=config), s)
+                                register_name=register_name, preset=preset, config=config), s)
         fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
         fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
         shard_list = fs.outputs["shard_list"]
@@ -142,7 +160,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
                                           images_per_class=images_per_class, sd_model=sd_model, **common), s)
             syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
-            tail(fs, syn.outputs["synthetic"], "class", train_on, preset, config, clip_model, clip_pretrained)
+            ads = on_cpu(ops.gather_adapters(shards=dsl.Collected(ad.outputs["adapters"])), s)
+            tail(fs, syn.outputs["synthetic"], ads.outputs["adapters"], "class", p)
 
         with dsl.Else(name="dataset-wise"):
             ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="dataset", shard="",
@@ -151,7 +170,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
                 gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
                                           images_per_class=images_per_class, sd_model=sd_model, **common), s)
             syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
-            tail(fs, syn.outputs["synthetic"], "dataset", train_on, preset, config, clip_model, clip_pretrained)
+            tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
 
     return datadream
 
@@ -177,6 +196,8 @@ def run_local(root: str | os.PathLike, arguments: dict) -> Path:
     # kfp.local runs ParallelFor iterations as concurrent processes; with torch's default of one thread
     # per core each, they oversubscribe the CPU many times over. One thread per task process instead.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The embedded MLflow default: a SQLite store beside the runs (mlflow ui --backend-store-uri …).
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir())
     pipeline = build_pipeline()

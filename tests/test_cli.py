@@ -9,7 +9,7 @@ import pytest
 
 from datadream.cli import build_parser, main
 
-COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate", "pipeline"]
+COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate", "pipeline", "registry"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -19,7 +19,7 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: datadream" in out
-    if command not in (None, "demo-dataset", "pipeline"):
+    if command not in (None, "demo-dataset", "pipeline", "registry"):
         assert "--set SECTION.KEY=VALUE" in out and "--preset" in out
 
 

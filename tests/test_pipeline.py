@@ -44,7 +44,8 @@ def test_gpu_resources_and_placement_on_exactly_the_gpu_steps(ir):
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     steps = {_step(n): n for n in tasks if not n.startswith(("condition", "for-loop"))}
-    assert set(map(_step, steps)) == {"fewshot", "adapt", "generate", "gather", "classify", "evaluate", "summarize"}
+    assert set(map(_step, steps)) == {"fewshot", "adapt", "generate", "gather", "gather-adapters", "classify",
+                                      "evaluate", "summarize", "register"}
     for name, task in tasks.items():
         if name.startswith(("condition", "for-loop")):
             continue
@@ -84,6 +85,7 @@ def test_caching_and_parameter_defaults(ir):
     spec = ir["spec"]
     tasks = _tasks(spec["root"]["dag"], spec["components"])
     assert tasks["fewshot"]["cachingOptions"] == {}  # reads a mutable location: never cached
+    assert tasks["register"]["cachingOptions"] == {} and tasks["register-2"]["cachingOptions"] == {}
     assert tasks["adapt"]["cachingOptions"] == {"enableCache": True}
     # adapt's cache key carries the content hash of the few-shot manifests, not a location.
     assert tasks["adapt"]["inputs"]["parameters"]["data_hash"] == {
@@ -93,7 +95,8 @@ def test_caching_and_parameter_defaults(ir):
     assert defaults == {
         "dataset": "demo", "shots": 16, "seed": 1, "mode": "class", "images_per_class": 500,
         "train_on": ["synthetic"], "gpus": 1, "sd_model": "stabilityai/stable-diffusion-2-1-base",
-        "clip_model": "ViT-B-16", "clip_pretrained": "openai", "preset": "paper", "config": ""}
+        "clip_model": "ViT-B-16", "clip_pretrained": "openai", "preset": "paper", "config": "",
+        "register_name": "datadream", "promote_margin": 0.0, "promote_floor": 0.0}
     assert "token" not in json.dumps(params).lower() and "secret" not in json.dumps(params).lower()
 
 
@@ -184,6 +187,7 @@ def test_cli_unreachable_host(capsys, kfp_home):
 @pytest.mark.slow
 def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     fast = ["--param", "gpus=2", "--param", "shots=2", "--param", "images_per_class=2",
+            "--param", "register_name=ptest",
             "--param", 'train_on=["synthetic+real", "zero-shot"]',
             "--param", "config=adapt: {max_steps: 2}\ngenerate: {steps: 2}\nclassify: {epochs: 1}\n"]
     assert main(["-q", "pipeline", "run", "--local", "--root", str(tmp_path), *fast]) == 0
@@ -205,3 +209,13 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
         assert m["n"] == 96 and sum(map(sum, m["confusion"])) == 96
     report = (run / "summarize" / "report").read_text()
     assert "zero-shot" in report and "data:image/png;base64," in report
+    # Registered in the MLflow store the steps inherit ($MLFLOW_TRACKING_URI): the first classifier
+    # version passes the gate (no champion yet); both models carry lineage tags.
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("ptest-classifier", "champion")
+    assert champion.tags["mode"] == "class" and champion.tags["shots"] == "2"
+    assert champion.tags["train_on"] in {"synthetic+real", "zero-shot"} and "test_top1" in champion.tags
+    adapters = client.get_model_version_by_alias("ptest-sd-lora", "candidate")
+    assert champion.tags["adapter_version"] == str(adapters.version)

@@ -333,3 +333,28 @@ def read_index(adapters_dir: str | os.PathLike) -> dict:
     if not (adapters_dir / MARKER).exists():
         raise UserError(f"--adapters {adapters_dir}: no {MARKER} (not a finished adapt output)")
     return read_json(adapters_dir / MARKER)
+
+
+def merge(shard_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Gather the class-wise adapters of disjoint shards into one Adapters folder with one index."""
+    from datadream.io import staged_dir
+
+    indexes = [read_index(d) for d in shard_dirs]
+    if any(ix["mode"] != "class" for ix in indexes):
+        raise UserError("adapt merge: only class-wise shards can be merged (a dataset adapter is already whole)")
+    fingerprint = sha256_json(sorted(ix["fingerprint"] for ix in indexes))
+    out = Path(out)
+    if check_output_dir(out, MARKER, fingerprint):
+        return out
+    with staged_dir(out) as tmp:
+        merged = {**indexes[0], "fingerprint": fingerprint, "classes": {}, "prompts": {}, "shards": len(indexes)}
+        for d, ix in zip(shard_dirs, indexes, strict=True):
+            for slug, unit in ix["classes"].items():
+                if slug in merged["classes"]:
+                    raise UserError(f"class {slug!r} has adapters in more than one shard ({d})")
+                shutil.copytree(Path(d) / unit, tmp / unit)
+                merged["classes"][slug] = unit
+                merged["prompts"][slug] = ix["prompts"][slug]
+        atomic_write_json(tmp / MARKER, merged)
+    log.info("adapt: merged %d shard(s), %d adapters -> %s", len(indexes), len(merged["classes"]), out)
+    return out
