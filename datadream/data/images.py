@@ -95,9 +95,10 @@ class RejectionCounts:
         }
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> Image.Image:
     """Open, fully decode and normalise one image to 8-bit RGB; raise ImageRejected if unusable.
 
+    With `data`, the image is those bytes (e.g. from a request) and `path` only names it in errors.
     `max_pixels` (width × height) is enforced here whatever `PIL.Image.MAX_IMAGE_PIXELS` says, but
     it cannot raise Pillow's own check: a cap above that global also needs the global raised.
     """
@@ -115,7 +116,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
         warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            f = open(path, "rb")  # noqa: SIM115 -- closed below, once decoded
+            f = io.BytesIO(data) if data is not None else open(path, "rb")  # noqa: SIM115 -- closed below
         except (FileNotFoundError, NotADirectoryError):
             raise ImageRejected(path, "missing", "no such file") from None
         except OSError as e:

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
-import warnings
 from typing import Any
 
 import mlflow
@@ -47,28 +45,6 @@ BASE_WEIGHTS_ARTIFACT = "base_weights"
 BATCH_SIZE = 32
 
 
-def load_rgb_bytes(data: bytes, source: str, max_pixels: int | None = None):
-    """Decode image bytes to 8-bit RGB with the exact checks of `datadream.data.images.load_rgb`.
-
-    `load_rgb` only opens paths, so this mirrors its guards (truncated-image flag, narrow warning
-    filters, bomb warning as error) around the same private decode and mode-conversion steps.
-    Raises ImageRejected; `source` names the image in its message.
-    """
-    from PIL import Image, ImageFile
-
-    from datadream.data import images
-
-    max_pixels = images.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process, so truncated images "
-                           "cannot be detected; find and remove whatever sets it")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = images._open_and_decode(io.BytesIO(data), source, max_pixels)
-        return images._to_rgb(img, source)
-
-
 def _bad_input(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
@@ -79,7 +55,7 @@ def decode_image(value: Any, row: int):
 
     try:
         if isinstance(value, bytes | bytearray):
-            return load_rgb_bytes(bytes(value), f"row {row}")
+            return load_rgb(f"row {row}", data=bytes(value))
         if not isinstance(value, str) or not value:
             raise _bad_input(f"row {row}: column {INPUT_COLUMN!r} must be a file path or base64 image bytes, "
                              f"got {type(value).__name__}")
@@ -92,7 +68,7 @@ def decode_image(value: Any, row: int):
         except (binascii.Error, ValueError):
             raise _bad_input(f"row {row}: {value[:80]!r} is neither an existing file nor base64 image bytes") \
                 from None
-        return load_rgb_bytes(data, f"row {row}")
+        return load_rgb(f"row {row}", data=data)
     except ImageRejected as e:
         raise _bad_input(f"row {row}: image rejected: {e}") from None
 
