@@ -11,6 +11,7 @@ with kfp.local's SubprocessRunner (the laptop default).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
+import builtins
 import contextlib
 import logging
 import os
@@ -202,6 +203,10 @@ def run_local(root: str | os.PathLike, arguments: dict) -> Path:
     before = set(root.iterdir())
     pipeline = build_pipeline()
     # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr.
+    # kfp.local swaps builtins.print for an indenting one around each task and puts back what it saw;
+    # with tasks running in parallel threads the swaps interleave and an indenting print can stay
+    # installed for good, so this process's print is restored whatever happens.
+    saved_print = builtins.print
     try:
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
             # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
@@ -211,6 +216,8 @@ def run_local(root: str | os.PathLike, arguments: dict) -> Path:
             pipeline(**arguments)
     except TypeError as e:
         raise UserError(f"pipeline arguments: {e}") from None
+    finally:
+        builtins.print = saved_print
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")

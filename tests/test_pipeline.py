@@ -219,3 +219,21 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     assert champion.tags["train_on"] in {"synthetic+real", "zero-shot"} and "test_top1" in champion.tags
     adapters = client.get_model_version_by_alias("ptest-sd-lora", "candidate")
     assert champion.tags["adapter_version"] == str(adapters.version)
+
+
+def test_run_local_leaves_print_alone(monkeypatch, tmp_path):
+    # kfp.local's per-task print swapping interleaves across parallel tasks; run_local restores print.
+    import builtins
+
+    import pipelines.pipeline as pp
+
+    original = builtins.print
+
+    def fake_pipeline(**_):
+        builtins.print = lambda *a, **k: original("    ", *a, **k)  # what a lost swap leaves behind
+        (tmp_path / "run").mkdir()
+
+    monkeypatch.setattr(pp, "build_pipeline", lambda settings=None: fake_pipeline)
+    monkeypatch.setattr("kfp.local.init", lambda **_: None)
+    assert pp.run_local(tmp_path, {}) == tmp_path / "run"
+    assert builtins.print is original
