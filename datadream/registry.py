@@ -229,7 +229,7 @@ def _base_weights(model: dict, base_weights: str | Path | None, stage: Path) -> 
     """The base CLIP weights to ship with the classifier, staged under `stage`, or None for `tiny`.
 
     Without `base_weights`, a `local-dir:` model or a clip_pretrained that is a local file is shipped
-    as is; an open_clip tag (e.g. 'openai') needs the caller to say where its weights file is.
+    as is; for an open_clip tag (e.g. 'openai') the loaded model's weights are exported as safetensors.
     """
     clip, pretrained = str(model.get("clip", "")), model.get("clip_pretrained")
     if clip == "tiny":
@@ -243,9 +243,9 @@ def _base_weights(model: dict, base_weights: str | Path | None, stage: Path) -> 
         elif pretrained and Path(pretrained).expanduser().is_file():
             base_weights = pretrained
         else:
-            raise UserError(
-                f"register: the classifier's base CLIP is {clip} ({pretrained}), not 'tiny'; pass base_weights="
-                "<its open_clip .safetensors file> so that serving needs no download")
+            # An open_clip tag (e.g. 'openai'): the weights are whatever classify loaded, in open_clip's
+            # own cache; ship them as safetensors so that serving needs neither a download nor a pickle.
+            return _export_base_clip(clip, pretrained, stage)
     src = Path(base_weights).expanduser()
     if local_dir:
         if not (src / "open_clip_config.json").is_file():
@@ -264,6 +264,32 @@ def _base_weights(model: dict, base_weights: str | Path | None, stage: Path) -> 
         raise UserError(f"register: base_weights={str(src)!r}: expected an existing open_clip .safetensors file "
                         "(only safetensors are shipped)")
     return src
+
+
+def _export_base_clip(clip: str, pretrained: str | None, stage: Path) -> Path:
+    """The loaded base model as an open_clip folder (config + safetensors), loaded back by `local-dir:`.
+
+    The config records what the tag implied (QuickGELU for OpenAI weights), which a bare weights
+    file would lose.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    from datadream.config import ModelsConfig
+    from datadream.models.clip import load_clip, quick_gelu_of
+
+    model, _, preprocess = load_clip(ModelsConfig(clip=clip, clip_pretrained=pretrained))
+    model_cfg = open_clip.get_model_config(clip)
+    if quick_gelu_of(clip, pretrained):
+        model_cfg["quick_gelu"] = True
+    out = stage / "base_clip"
+    out.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    preprocess_cfg = {"size": preprocess["image_size"], "mean": preprocess["mean"], "std": preprocess["std"],
+                      "interpolation": preprocess["interpolation"]}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    log.info("register: shipping the base CLIP %s (%s) as an open_clip folder", clip, pretrained)
+    return out
 
 
 def _clean_package_copy(stage: Path) -> Path:

@@ -179,3 +179,12 @@ def test_random_init_architecture_is_the_same_in_every_process(tiny):
     a, _, _ = load_clip(models)
     b, _, _ = load_clip(models)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_openai_tags_get_quick_gelu():
+    # open_clip only warns when ViT-B-16 (GELU) meets OpenAI weights (trained with QuickGELU).
+    from datadream.models.clip import quick_gelu_of
+
+    assert quick_gelu_of("ViT-B-16", "openai") is True
+    assert quick_gelu_of("ViT-B-16", "laion2b_s34b_b88k") is False
+    assert quick_gelu_of("ViT-B-16", None) is False

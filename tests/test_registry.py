@@ -225,8 +225,6 @@ def test_base_weights_must_be_a_safetensors_file(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()
     named = {"clip": "ViT-B-16", "clip_pretrained": "openai"}
-    with pytest.raises(UserError, match="pass base_weights"):
-        registry._base_weights(named, None, stage)
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="safetensors"):
         registry._base_weights(named, tmp_path / "w.bin", stage)
@@ -235,6 +233,31 @@ def test_base_weights_must_be_a_safetensors_file(tmp_path):
     assert registry._base_weights({"clip": "tiny", "clip_pretrained": None}, None, stage) is None
     with pytest.raises(UserError, match=r"open_clip_config\.json"):
         registry._base_weights({"clip": f"local-dir:{tmp_path}", "clip_pretrained": None}, None, stage)
+
+
+def test_an_open_clip_model_without_a_weights_file_is_exported_as_safetensors(tmp_path, monkeypatch):
+    # An open_clip name + tag (e.g. ViT-B-16 / openai) has no file of ours to ship: the model classify
+    # loaded is exported. A registered small config at (seeded) random init stands in for the download.
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    from datadream.models.clip import TINY_CLIP_CONFIG, load_clip
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "dd-test-small", dict(TINY_CLIP_CONFIG))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    out = registry._base_weights({"clip": "dd-test-small", "clip_pretrained": None}, None, stage)
+    assert (out / "open_clip_config.json").is_file()
+    from datadream.config import ModelsConfig
+
+    model, _, _ = load_clip(ModelsConfig(clip="dd-test-small", clip_pretrained=None))
+    exported = load_file(out / "open_clip_model.safetensors")
+    assert exported.keys() == model.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    # ... and the folder loads back as the same model, as the served classifier loads it.
+    again, _, _ = load_clip(ModelsConfig(clip=f"local-dir:{out}", clip_pretrained=None))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_unfinished_classifier_folder_is_a_user_error(tracking, tmp_path):

@@ -110,6 +110,15 @@ def _resolve(models: ModelsConfig) -> tuple[str, str | None]:
     )
 
 
+def quick_gelu_of(name: str, pretrained: str | None) -> bool:
+    """Whether the pretrained tag's weights expect QuickGELU (e.g. every `openai` tag)."""
+    import open_clip
+
+    if not pretrained or name.startswith(LOCAL_DIR) or Path(pretrained).expanduser().is_file():
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 def load_clip(models: ModelsConfig, device: str | torch.device = "cpu"):
     """(model, tokenizer, preprocess) for `models.clip`.
 
@@ -123,11 +132,14 @@ def load_clip(models: ModelsConfig, device: str | torch.device = "cpu"):
     cache = models.cache_dir  # None: Hugging Face's own cache, where images may have baked the weights
     # Without pretrained weights (an architecture at random init, for benchmarks) the weights must still
     # be the same in every process: classify and evaluate each build the model and must agree.
+    # OpenAI's weights were trained with QuickGELU; open_clip only *warns* when a tag's activation
+    # differs from the model config (ViT-B-16 + openai), so take it from the tag.
+    quick_gelu = bool(quick_gelu_of(name, pretrained))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.create_model(
             name, pretrained=pretrained, device=device, cache_dir=cache, weights_only=True,
-            require_pretrained=pretrained is not None,
+            require_pretrained=pretrained is not None, force_quick_gelu=quick_gelu,
         )
     model.eval()
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache)
