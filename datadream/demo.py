@@ -72,5 +72,5 @@ def format_table(results: dict) -> str:
     ]
     for r in results["rows"]:
         lines.append(f"{r['setting']:<32} {100 * r['top1']:>6.1f}% {100 * r['top5']:>6.1f}%  {r['n']}")
-    lines += ["", f"wall time {results['wall_s']} s; per-stage seconds and paths in {results['out']}/results.json"]
+    lines += ["", f"wall time {results['wall_s']} s; paths, reports and timings in {results['out']}/results.json"]
     return "\n".join(lines)
