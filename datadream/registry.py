@@ -292,6 +292,18 @@ def _export_base_clip(clip: str, pretrained: str | None, stage: Path) -> Path:
     return out
 
 
+def _new_version(model_name: str, info, tags: dict[str, str], kind: str) -> str:
+    """Finish a just-logged version: its tags, the model's kind, and the alias `candidate`."""
+    version = str(info.registered_model_version)
+    client = _client()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_tag(model_name, KIND_TAG, kind)
+    client.set_registered_model_alias(model_name, CANDIDATE, version)
+    log.info("registry: %s version %s registered (alias %s)", model_name, version, CANDIDATE)
+    return version
+
+
 def _clean_package_copy(stage: Path) -> Path:
     """The datadream package as code_paths: sources only, no bytecode caches."""
     dst = stage / "code" / "datadream"
@@ -358,14 +370,7 @@ def register_classifier(
             )
             if values:
                 mlflow.log_metrics({k: float(v) for k, v in values.items()}, model_id=info.model_id)
-    version = str(info.registered_model_version)
-    client = _client()
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    client.set_registered_model_tag(model_name, KIND_TAG, "classifier")
-    client.set_registered_model_alias(model_name, CANDIDATE, version)
-    log.info("registry: %s version %s registered (alias %s)", model_name, version, CANDIDATE)
-    return version
+    return _new_version(model_name, info, tags, "classifier")
 
 
 # --- adapters --------------------------------------------------------------------------------------------
@@ -444,14 +449,7 @@ def register_adapters(name: str, adapters_dir: str | Path, lineage: dict) -> str
                 registered_model_name=model_name,
                 tags=tags,
             )
-    version = str(info.registered_model_version)
-    client = _client()
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    client.set_registered_model_tag(model_name, KIND_TAG, "adapters")
-    client.set_registered_model_alias(model_name, CANDIDATE, version)
-    log.info("registry: %s version %s registered (alias %s)", model_name, version, CANDIDATE)
-    return version
+    return _new_version(model_name, info, tags, "adapters")
 
 
 def download_adapters(name: str, out_dir: str | Path, ref: str = CHAMPION) -> Path:
