@@ -25,3 +25,19 @@ def colour_images(folder: Path, per_class: int, seed: int, is_real: bool = True)
             Image.fromarray(pixels).save(path)
             records.append(Record(str(path), label, f"class{label}", sha256_file(path), is_real))
     return records
+
+
+def colour_task(root: Path, shots: int = 4, test: int = 4, synthetic_per_class: int = 6) -> tuple[Path, Path]:
+    """A few-shot folder (classes.json, train/val/test manifests) and a synthetic folder (manifest) of
+    the three-colour task, under `root`."""
+    from datadream.data.manifest import ClassInfo, write_classes, write_manifest
+
+    fewshot, synthetic = root / "fewshot", root / "synthetic"
+    fewshot.mkdir(parents=True)
+    write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(len(COLOURS))])
+    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", shots, seed=1))
+    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2))
+    write_manifest(fewshot / "test.jsonl", colour_images(fewshot / "test", test, seed=3))
+    write_manifest(synthetic / "manifest.jsonl",
+                   colour_images(synthetic / "images", synthetic_per_class, seed=4, is_real=False))
+    return fewshot, synthetic

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import colour_images
+from helpers import colour_task
 from safetensors.torch import load_file
 
-from datadream.data.manifest import ClassInfo, write_classes, write_manifest
 from datadream.errors import UserError
 from datadream.stages import classify
 
@@ -25,22 +24,9 @@ FAST = ("classify.epochs=2", "classify.batch_size=8", "classify.warmup_steps=1",
         "classify.mix_p=0.5")
 
 
-def make_inputs(root: Path, shots: int = 4, synthetic_per_class: int = 6) -> tuple[Path, Path]:
-    """A few-shot folder (classes, train, val, test) and a synthetic folder (manifest) in `root`."""
-    fewshot, synthetic = root / "fewshot", root / "synthetic"
-    fewshot.mkdir(parents=True)
-    write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(3)])
-    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", shots, seed=1, is_real=True))
-    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2, is_real=True))
-    write_manifest(fewshot / "test.jsonl", colour_images(fewshot / "test", 4, seed=3, is_real=True))
-    syn = colour_images(synthetic / "images", synthetic_per_class, seed=4, is_real=False)
-    write_manifest(synthetic / "manifest.jsonl", syn)
-    return fewshot, synthetic
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    return make_inputs(tmp_path_factory.mktemp("classify-inputs"))
+    return colour_task(tmp_path_factory.mktemp("classify-inputs"))
 
 
 def _final_files(out: Path) -> list[Path]:

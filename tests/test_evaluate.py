@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import colour_images
+from helpers import colour_task
 from PIL import Image
 
-from datadream.data.manifest import ClassInfo, Record, read_manifest, write_classes, write_manifest
+from datadream.data.manifest import Record, read_manifest, write_manifest
 from datadream.errors import UserError
 from datadream.stages import classify, evaluate
 
@@ -19,15 +19,7 @@ from datadream.stages import classify, evaluate
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """Few-shot folder (train/val/test) and synthetic folder of an easy, separable colour task."""
-    root = tmp_path_factory.mktemp("evaluate-toy")
-    fewshot, synthetic = root / "fewshot", root / "synthetic"
-    fewshot.mkdir()
-    write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(3)])
-    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", 8, seed=1))
-    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2))
-    write_manifest(fewshot / "test.jsonl", colour_images(fewshot / "test", 6, seed=3))
-    write_manifest(synthetic / "manifest.jsonl", colour_images(synthetic / "images", 8, seed=4, is_real=False))
-    return fewshot, synthetic
+    return colour_task(tmp_path_factory.mktemp("evaluate-toy"), shots=8, test=6, synthetic_per_class=8)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import colour_images
+from helpers import colour_task
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from datadream import registry, registry_cli
-from datadream.data.manifest import ClassInfo, write_classes, write_manifest
+from datadream.data.manifest import read_manifest
 from datadream.errors import UserError
 from datadream.stages import adapt, classify, evaluate
 
@@ -69,14 +69,8 @@ def tracking(tmp_path_factory):
 def classifier(tmp_path_factory, tiny):
     """A tiny CLIP LoRA classifier on three colours, its test images and its metrics."""
     root = tmp_path_factory.mktemp("registry-classifier")
-    fewshot, synthetic = root / "fewshot", root / "synthetic"
-    fewshot.mkdir()
-    write_classes(fewshot / "classes.json", [ClassInfo(i, f"class{i}", f"colour {i}") for i in range(3)])
-    write_manifest(fewshot / "train.jsonl", colour_images(fewshot / "train", 4, seed=1))
-    write_manifest(fewshot / "val.jsonl", colour_images(fewshot / "val", 2, seed=2))
-    test = colour_images(fewshot / "test", 2, seed=3)
-    write_manifest(fewshot / "test.jsonl", test)
-    write_manifest(synthetic / "manifest.jsonl", colour_images(synthetic / "images", 4, seed=4, is_real=False))
+    fewshot, synthetic = colour_task(root, shots=4, test=2, synthetic_per_class=4)
+    test = read_manifest(fewshot / "test.jsonl")
     config = tiny(*CLASSIFY)
     out = classify.run(config, fewshot, synthetic, root / "classifier")
     metrics = evaluate.run(config, out, fewshot / "test.jsonl", root / "metrics")
