@@ -17,11 +17,16 @@ def fewshot(
     seed: int,
     shards: int,
     mode: str,
+    images_per_class: int,
+    sd_model: str,
+    clip_model: str,
+    clip_pretrained: str,
     register_name: str,
+    kfp_run_id: str,
     preset: str,
     config: str,
     fewshot_set: Output[Dataset],
-) -> NamedTuple("FewShotOutputs", [("data_hash", str), ("shard_list", list[str])]):
+) -> NamedTuple("FewShotOutputs", [("data_hash", str), ("shard_list", list[str]), ("mlflow_run", str)]):
     """Sample `shots` real images per class from `dataset` (an ImageFolder path).
 
     Args:
@@ -30,8 +35,11 @@ def fewshot(
         shots: real images per class (k).
         seed: sampling seed.
         shards: how many class shards the GPU steps fan out over (the number of GPUs to use).
-        mode: the run's adaptation mode, checked here before any GPU step starts.
-        register_name: when set, the MLflow tracking server is checked here too, before any GPU step.
+        mode, images_per_class, sd_model, clip_model, clip_pretrained: the run's settings that are
+            pipeline parameters; checked here before any GPU step, and part of the config logged to MLflow.
+        register_name: when set, the run is tracked in the MLflow experiment of that name: the tracking
+            store is checked here, before any GPU step, and the run's parent MLflow run is opened.
+        kfp_run_id: the KFP run, tagged on the MLflow run (a retry finds its run again by it).
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset (any section of the config).
         fewshot_set: the FewShotSet: classes.json, train/val/test manifests, the shots themselves.
@@ -39,34 +47,52 @@ def fewshot(
     Returns:
         data_hash: sha256 of the three manifests; downstream steps take it so caching follows content.
         shard_list: shard names "I/N" for the fan-out, at most one per class.
+        mlflow_run: id of the run's parent MLflow run, which every later step logs under ("" = untracked).
     """
     import json
     from collections import namedtuple
     from pathlib import Path
 
+    from datadream import tracking
     from datadream.config import load_config
     from datadream.io import sha256_json
     from datadream.stages import fewshot as stage
 
-    cfg = load_config(preset, text=config, overrides=[f"fewshot.shots={shots}", f"fewshot.seed={seed}",
-                                                      f"adapt.mode={mode}"])
+    cfg = load_config(preset, text=config, overrides=[
+        f"fewshot.shots={shots}", f"fewshot.seed={seed}", f"adapt.mode={mode}",
+        f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}", f"models.clip={clip_model}",
+        f"models.clip_pretrained={clip_pretrained or 'null'}"])
+    parent = ""
     if register_name:
-        from datadream.tracking import check_tracking
-
-        check_tracking()  # fail fast: an unreachable tracking server is reported before hours of GPU work
+        tracking.check_tracking()  # fail fast: an unreachable tracking server is reported before any GPU work
+        parent = tracking.start_pipeline_run(
+            register_name, {"kfp.run_id": kfp_run_id, "git_sha": tracking.code_version(),
+                            "config_hash": sha256_json(cfg.to_dict()), "dataset": dataset, "mode": mode},
+            run_name=f"datadream-{kfp_run_id[:12]}" if kfp_run_id else None)
+        tracking.log_config(cfg, parent)
     if dataset == "demo":
         import tempfile
 
         from datadream.data.demo import make_demo_dataset
 
         dataset = make_demo_dataset(Path(tempfile.mkdtemp(prefix="datadream-demo-")) / "dataset", seed=0)
-    out = stage.run(cfg, dataset, fewshot_set.path)
-    summary = json.loads((Path(out) / "fewshot.json").read_text())
+    sections = {"fewshot": cfg.to_dict()["fewshot"], "data": cfg.to_dict()["data"]}
+    with tracking.tracked_stage(parent, "fewshot", sections, prefix=""):
+        out = stage.run(cfg, dataset, fewshot_set.path)
+        summary = json.loads((Path(out) / "fewshot.json").read_text())
+        data_hash = sha256_json(summary["manifest_sha256"])
+        if parent:
+            tracking.set_tags({"data_hash": data_hash})  # on the fewshot run; on the parent below
+            tracking.log_final_metrics({"classes": summary["classes"], "rejected": summary["rejected"]["total"]})
+            tracking.log_artifact_file(Path(out) / "fewshot.json")
+            tracking.log_artifact_file(Path(out) / "classes.json")
+    if parent:
+        tracking.set_tags({"data_hash": data_hash}, parent)
     n = max(1, min(shards, summary["classes"]))
     fewshot_set.metadata.update({"classes": summary["classes"], "shots": shots, "seed": seed,
                                  "rejected": summary["rejected"]["total"]})
-    outputs = namedtuple("FewShotOutputs", ["data_hash", "shard_list"])
-    return outputs(sha256_json(summary["manifest_sha256"]), [f"{i}/{n}" for i in range(n)])
+    outputs = namedtuple("FewShotOutputs", ["data_hash", "shard_list", "mlflow_run"])
+    return outputs(data_hash, [f"{i}/{n}" for i in range(n)], parent)
 
 
 def adapt(
@@ -77,6 +103,7 @@ def adapt(
     sd_model: str,
     preset: str,
     config: str,
+    mlflow_run: str,
     adapters: Output[Model],
 ):
     """LoRA fine-tuning of Stable Diffusion (UNet + text encoder) on the few-shot images; GPU.
@@ -89,13 +116,22 @@ def adapt(
         sd_model: Stable Diffusion Hugging Face id or folder (e.g. stabilityai/stable-diffusion-2-1-base).
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset.
+        mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         adapters: diffusers-format LoRA weights per class (or one for the dataset) + adapter.json.
     """
+    from pathlib import Path
+
+    from datadream import tracking
     from datadream.config import load_config
     from datadream.stages import adapt as stage
 
     cfg = load_config(preset, text=config, overrides=[f"adapt.mode={mode}", f"models.sd={sd_model}"])
-    stage.run(cfg, fewshot_set.path, adapters.path, shard=shard or None)
+    name = f"adapt {shard}" if shard else "adapt"
+    with tracking.tracked_stage(mlflow_run, name, cfg.to_dict()["adapt"], prefix="adapt"):
+        stage.run(cfg, fewshot_set.path, adapters.path, shard=shard or None)
+        index = stage.read_index(adapters.path)
+        tracking.log_final_metrics({"adapters": len(set(index["classes"].values())), "classes": len(index["classes"])})
+        tracking.log_artifact_file(Path(adapters.path) / "adapter.json")
     adapters.metadata.update({"mode": mode, "shard": shard, "base_model": sd_model, "rank": cfg.adapt.rank,
                               "data_hash": data_hash})
 
@@ -108,6 +144,7 @@ def generate(
     sd_model: str,
     preset: str,
     config: str,
+    mlflow_run: str,
     synthetic: Output[Dataset],
 ):
     """Generate `images_per_class` images for each class of `shard` with the adapted SD; GPU.
@@ -120,14 +157,25 @@ def generate(
         sd_model: the Stable Diffusion model the adapters were trained on.
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset.
+        mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         synthetic: the SyntheticSet of this shard: images + manifest.jsonl (prompt, seed, adapter).
     """
+    from pathlib import Path
+
+    from datadream import tracking
     from datadream.config import load_config
     from datadream.stages import generate as stage
 
     cfg = load_config(preset, text=config,
                       overrides=[f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}"])
-    stage.run(cfg, fewshot_set.path, adapters.path, synthetic.path, shard=shard or None)
+    name = f"generate {shard}" if shard else "generate"
+    with tracking.tracked_stage(mlflow_run, name, cfg.to_dict()["generate"], prefix="generate"):
+        stage.run(cfg, fewshot_set.path, adapters.path, synthetic.path, shard=shard or None)
+        if mlflow_run:
+            from datadream.report import sample_grid
+
+            tracking.log_artifact_file(Path(synthetic.path) / "generate.json")
+            tracking.log_image(sample_grid(synthetic.path, fewshot_dir=fewshot_set.path), "samples.png")
     synthetic.metadata.update({"shard": shard, "images_per_class": images_per_class})
 
 
@@ -165,6 +213,7 @@ def classify(
     clip_pretrained: str,
     preset: str,
     config: str,
+    mlflow_run: str,
     classifier: Output[Model],
 ):
     """Fine-tune CLIP with LoRA into a classifier; the epoch is chosen on the val split; GPU.
@@ -177,8 +226,13 @@ def classify(
         clip_pretrained: open_clip pretrained tag or weights file (e.g. openai); "" for none.
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset.
+        mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         classifier: LoRA + class head as safetensors, classifier.json (classes, model, preprocessing).
     """
+    import json
+    from pathlib import Path
+
+    from datadream import tracking
     from datadream.config import load_config
     from datadream.stages import classify as stage
 
@@ -188,7 +242,12 @@ def classify(
     else:
         overrides += [f"classify.train_on={train_on}"]
     cfg = load_config(preset, text=config, overrides=overrides)
-    stage.run(cfg, fewshot_set.path, synthetic.path, classifier.path)
+    with tracking.tracked_stage(mlflow_run, f"classify {train_on}", cfg.to_dict()["classify"], prefix="classify"):
+        stage.run(cfg, fewshot_set.path, synthetic.path, classifier.path)
+        if mlflow_run:
+            clf = json.loads((Path(classifier.path) / "classifier.json").read_text())
+            tracking.log_final_metrics({"best_epoch": clf["best_epoch"], "best_val_top1": clf["best_val_top1"]})
+            tracking.log_artifact_file(Path(classifier.path) / "classifier.json")
     classifier.metadata.update({"train_on": train_on, "clip_model": clip_model})
 
 
@@ -200,6 +259,7 @@ def evaluate(
     mode: str,
     preset: str,
     config: str,
+    mlflow_run: str,
     scores: Output[Artifact],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
@@ -215,6 +275,7 @@ def evaluate(
         mode: the adaptation mode, for labels.
         preset: base settings, paper or tiny.
         config: YAML text layered on the preset.
+        mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         scores: metrics.json (top-1, top-5, per-class, confusion matrix) + confusion.csv + setting.json.
         metrics: top-1, top-5 and mean per-class accuracy, shown in the UI.
         confusion: the confusion matrix, shown in the UI.
@@ -224,14 +285,28 @@ def evaluate(
     import shutil
     from pathlib import Path
 
+    from datadream import tracking
     from datadream.config import load_config
+    from datadream.data.manifest import read_classes
     from datadream.io import atomic_write_json
-    from datadream.report import render_html, write_report
+    from datadream.report import confusion_image, render_html, write_report
     from datadream.stages import evaluate as stage
 
     cfg = load_config(preset, text=config)
     work = Path(scores.path)
-    result = stage.run(cfg, classifier.path, Path(fewshot_set.path) / "test.jsonl", work)
+    with tracking.tracked_stage(mlflow_run, f"evaluate {train_on}", cfg.to_dict()["evaluate"], prefix="evaluate",
+                                tags={"train_on": train_on}):
+        result = stage.run(cfg, classifier.path, Path(fewshot_set.path) / "test.jsonl", work)
+        if mlflow_run:
+            names = {c.slug: c.name for c in read_classes(Path(fewshot_set.path) / "classes.json")}
+            tracking.log_final_metrics({f"test_{k}": result[k] for k in ("top1", "top5", "mean_per_class")})
+            tracking.log_table({"class": [names.get(c, c) for c in result["classes"]],
+                                "test_images": [result["per_class_n"][c] for c in result["classes"]],
+                                "accuracy": [result["per_class"][c] for c in result["classes"]]}, "per_class.json")
+            tracking.log_image(confusion_image([names.get(c, c) for c in result["classes"]], result["confusion"]),
+                               "confusion_matrix.png")
+            tracking.log_artifact_file(work / "metrics.json")
+            tracking.log_artifact_file(work / "confusion.csv")
     setting = {"train_on": train_on, "mode": mode,
                "label": train_on if train_on in ("zero-shot", "real") else f"{train_on} ({mode}-wise)"}
     atomic_write_json(work / "setting.json", setting)
@@ -248,13 +323,14 @@ def evaluate(
 
 
 def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_set: Input[Dataset],
-              report: Output[HTML]):
+              mlflow_run: str, report: Output[HTML]):
     """One report for the run: every classifier's results side by side, and the synthetic samples.
 
     Args:
         scores: the evaluate steps' scores.
         synthetic: the gathered SyntheticSet.
         fewshot_set: the FewShotSet.
+        mlflow_run: the parent MLflow run; the report is logged to it as report.html ("" = untracked).
         report: results table, per-class accuracy, confusion matrix and sample grid.
     """
     import json
@@ -268,8 +344,15 @@ def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_
         setting = json.loads((d / "setting.json").read_text())
         results.append({"setting": setting["label"], "metrics": json.loads((d / "metrics.json").read_text()),
                         "classifier": json.loads((d / "classifier.json").read_text())})
-    write_report(report.path, render_html("DataDream run", results, synthetic_dir=synthetic.path,
-                                          fewshot_dir=fewshot_set.path))
+    html = render_html("DataDream run", results, synthetic_dir=synthetic.path, fewshot_dir=fewshot_set.path)
+    write_report(report.path, html)
+    if mlflow_run:
+        from datadream import tracking
+
+        tracking.check_tracking()
+        tracking.log_text(html, "report.html", run_id=mlflow_run)  # the MLflow UI renders .html artifacts
+        tracking.log_json([{"setting": r["setting"], **{k: r["metrics"][k] for k in ("top1", "top5", "mean_per_class")}}
+                           for r in results], "results.json", run_id=mlflow_run)
 
 
 def register(
@@ -288,6 +371,7 @@ def register(
     promote_margin: float,
     promote_floor: float,
     kfp_run_id: str,
+    mlflow_run: str,
 ) -> NamedTuple("RegisterOutputs", [("classifier_version", str), ("adapters_version", str), ("decision", str)]):
     """Register the adapters and the best classifier in MLflow; the gate decides on `champion`.
 
@@ -306,12 +390,13 @@ def register(
         promote_margin: how much better than the champion a candidate must be.
         promote_floor: the least test top-1 a champion must have.
         kfp_run_id: the KFP run, for lineage.
+        mlflow_run: the run's parent MLflow run (registration is its "register" child, and it is
+            finished here); "" = find or open it by kfp_run_id.
     Returns:
         classifier_version, adapters_version: the new registry versions ("" when skipped).
         decision: the gate's decision ("promoted", "rejected: …", or "skipped").
     """
     import json
-    import subprocess
     from collections import namedtuple
     from pathlib import Path
 
@@ -329,16 +414,17 @@ def register(
     best_val, best, clf = max(results, key=lambda r: r[0])  # chosen on val, never on test
     metrics = json.loads((best / "metrics.json").read_text())
     setting = json.loads((best / "setting.json").read_text())
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = tracking.code_version()
     summary = json.loads((Path(fewshot_set.path) / "fewshot.json").read_text())
     lineage = {"dataset": dataset, "data_hash": data_hash, "manifest_sha256": summary["manifest_sha256"]["train"],
                "shots": shots, "seed": seed, "mode": mode, "sd_model": sd_model, "clip_model": clip_model,
                "clip_pretrained": clip_pretrained, "train_on": setting["train_on"], "val_top1": best_val,
-               "git_sha": sha or None, "kfp_run_id": kfp_run_id}
-    # One MLflow run per pipeline run (found again by kfp.run_id on a retry); registration is its
-    # "register" stage, so the models' artifacts sit under the experiment, beside its store.
-    parent = tracking.start_pipeline_run(register_name, {"kfp.run_id": kfp_run_id, "git_sha": sha or None,
-                                                         "data_hash": data_hash})
+               "git_sha": sha, "kfp_run_id": kfp_run_id}
+    # One MLflow run per pipeline run (opened by fewshot; found again by kfp.run_id otherwise);
+    # registration is its "register" stage, so the models' artifacts sit under the experiment.
+    parent = mlflow_run or tracking.start_pipeline_run(
+        register_name, {"kfp.run_id": kfp_run_id, "git_sha": sha, "data_hash": data_hash})
+    lineage["mlflow_run_id"] = parent
     with tracking.stage_run(parent, "register", {"name": register_name, "margin": promote_margin,
                                                  "floor": promote_floor}):
         tracking.log_final_metrics({f"test_{k}": metrics[k] for k in ("top1", "top5", "mean_per_class")})

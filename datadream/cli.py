@@ -182,6 +182,7 @@ def run_pipeline_command(args) -> None:
     import tempfile
     from pathlib import Path
 
+    from datadream.tracking import git_sha
     from pipelines import client as kfp_client
     from pipelines.pipeline import compile_pipeline, run_local
 
@@ -205,9 +206,7 @@ def run_pipeline_command(args) -> None:
             kfp_client.validate_cron(args.cron)  # before any network call
         client = kfp_client.connect(args.host, token=args.token, namespace=args.namespace)
         if args.action == "upload":
-            from datadream import __version__
-
-            version = kfp_client.version_name(__version__, kfp_client.git_sha(Path(__file__).parent))
+            version = kfp_client.version_name(__version__, git_sha(Path(__file__).parent))
             ids = kfp_client.upload(client, package, args.name, version)
             sys.stdout.write(f"pipeline {ids[0]} version {ids[1]} ({version})\n")
         elif args.action == "submit":

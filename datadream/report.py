@@ -104,6 +104,37 @@ def sample_grid(synthetic_dir: str | os.PathLike, classes: list[ClassInfo] | Non
     return grid
 
 
+def confusion_image(labels: list[str], counts: list[list[int]], cell: int = 28) -> Image.Image:
+    """The confusion matrix as a picture: rows = true class, columns = predicted, shaded by the row's
+    share (blue); counts are printed in the cells. Rows are labelled "i name", columns by the index i.
+    Beyond MAX_CONFUSION classes cells shrink to a few pixels and lose their numbers (a heat map)."""
+    n = len(labels)
+    big = n > MAX_CONFUSION
+    cell = max(2, min(cell, 1200 // max(n, 1))) if big else cell
+    font = ImageFont.load_default()
+    names = [f"{i} {lab}" for i, lab in enumerate(labels)]
+    label_w = 0 if big else min(LABEL_WIDTH * 2, 8 + max((int(font.getlength(t)) for t in names), default=0))
+    top = 0 if big else 16
+    image = Image.new("RGB", (label_w + n * cell + PAD, top + n * cell + PAD), "white")
+    draw = ImageDraw.Draw(image)
+    for i, row in enumerate(counts):
+        total = sum(row) or 1
+        y = top + i * cell
+        if not big:
+            draw.text((4, y + cell // 2 - 6), names[i][:40], fill="black", font=font)
+        for j, c in enumerate(row):
+            share = c / total
+            fill = tuple(round(255 - share * (255 - v)) for v in (31, 119, 180))
+            x = label_w + j * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill, outline=None if big else (220, 220, 220))
+            if not big and c:
+                draw.text((x + 3, y + cell // 2 - 6), str(c), fill="white" if share > 0.5 else "black", font=font)
+    if not big:
+        for j in range(n):
+            draw.text((label_w + j * cell + 3, 2), str(j), fill="black", font=font)
+    return image
+
+
 def _data_uri(image: Image.Image) -> str:
     # A 256-colour palette halves the PNG (64 classes × 10 thumbnails: ~5 MB → ~2 MB) at little cost at this size.
     buf = io.BytesIO()

@@ -30,6 +30,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -238,6 +240,29 @@ def _check_database(uri: str, timeout_s: float) -> None:
         raise UserError(f"MLflow tracking store {redact(uri)}: unreachable ({redact(first)[:200]})") from None
 
 
+def git_sha(repo_dir: str | os.PathLike[str]) -> str | None:
+    """Short sha of HEAD, plus "-dirty" when tracked files changed (as `git describe --dirty`); None outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git binary, or it hung
+        return None
+    sha = head.stdout.strip()
+    return f"{sha}-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else sha
+
+
+def code_version() -> str | None:
+    """The code's git sha for lineage: $DATADREAM_GIT_SHA (set in the image at build time), else the
+    checkout this package runs from, else None."""
+    return os.environ.get("DATADREAM_GIT_SHA") or git_sha(Path(__file__).resolve().parent)
+
+
 # --- runs ----------------------------------------------------------------------------------------------
 
 
@@ -429,6 +454,18 @@ def _end(run_id: str, status: str) -> None:
         _client().set_terminated(run_id, status)
 
 
+def tracked_stage(
+    parent_run_id: str | None, stage: str, config_section: Mapping[str, Any], prefix: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> contextlib.AbstractContextManager:
+    """`stage_run(...)` when a parent run id is given (checking the tracking store first), else a no-op
+    context: pipeline steps wrap their stage call in it whether or not the run is tracked."""
+    if not parent_run_id:
+        return contextlib.nullcontext()
+    check_tracking()
+    return stage_run(parent_run_id, stage, config_section, tags=tags, prefix=prefix)
+
+
 # --- params --------------------------------------------------------------------------------------------
 
 
@@ -475,6 +512,8 @@ def _log_params(run_id: str, params: Mapping[str, str]) -> None:
 def _target(run_id: str | None) -> str | None:
     if run_id:
         return run_id
+    if "mlflow" not in sys.modules:  # no run can be active; spare untracked stages the import
+        return None
     import mlflow
 
     active = mlflow.active_run()
@@ -482,13 +521,62 @@ def _target(run_id: str | None) -> str | None:
 
 
 def log_step_metrics(metrics: Mapping[str, float], step: int, run_id: str | None = None) -> None:
-    """Metrics of one training step (or epoch), e.g. {"loss": 0.3, "lr": 1e-4}."""
+    """Metrics of one training step (or epoch), e.g. {"loss": 0.3, "lr": 1e-4}; None values are skipped."""
     from mlflow.entities import Metric
 
     if (target := _target(run_id)) is None:
         return
     now = int(time.time() * 1000)
-    _client().log_batch(target, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+    if batch:
+        _client().log_batch(target, metrics=batch)
+
+
+def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Set (or overwrite) tags on the run; values are redacted like every other tag."""
+    if (target := _target(run_id)) is not None:
+        _set_tags(target, _clean_tags(tags))
+
+
+class StepMetrics:
+    """Buffered step metrics for training loops: `add()` every step costs nothing; the buffer goes to
+    the run in one `log_batch` call every `every_s` seconds (and at `flush()`/exit), so a remote
+    tracking server never slows a GPU loop down. Without a target run it does nothing."""
+
+    def __init__(self, run_id: str | None = None, every_s: float = 15.0, max_buffer: int = 900):
+        self.run_id = _target(run_id)
+        self.every_s, self.max_buffer = every_s, max_buffer
+        self._buffer: list = []
+        self._last = time.monotonic()
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        if len(self._buffer) >= self.max_buffer or time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.run_id is None or not self._buffer:
+            return
+        buffer, self._buffer, self._last = self._buffer, [], time.monotonic()
+        client = _client()
+        for i in range(0, len(buffer), 1000):  # MAX_METRICS_PER_BATCH
+            client.log_batch(self.run_id, metrics=buffer[i : i + 1000])
+
+    def __enter__(self) -> StepMetrics:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            self.flush()
+        except Exception:
+            if exc_type is None:
+                raise
+            logger.warning("MLflow: could not log the last step metrics", exc_info=True)  # keep the real error
 
 
 def log_final_metrics(metrics: Mapping[str, float], run_id: str | None = None) -> None:
@@ -507,6 +595,12 @@ def log_artifact_file(path: str | os.PathLike, artifact_path: str | None = None,
         _client().log_artifact(target, str(path), artifact_path)
 
 
+def log_text(text: str, name: str, run_id: str | None = None) -> None:
+    """`text` as the artifact `name` (e.g. "report.html")."""
+    if (target := _target(run_id)) is not None:
+        _client().log_text(target, text, name)
+
+
 def log_json(obj: Any, name: str, run_id: str | None = None) -> None:
     """`obj` as the JSON artifact `name` (e.g. "metrics.json" or "eval/confusion.json")."""
     if (target := _target(run_id)) is None:
@@ -523,6 +617,13 @@ def log_config(config: Config, run_id: str | None = None) -> None:
     data = config.to_dict()
     _client().log_text(target, redact(yaml.safe_dump(data, sort_keys=False)), "config.yaml")
     _log_params(target, flatten(data))
+
+
+def log_table(columns: Mapping[str, list], name: str, run_id: str | None = None) -> None:
+    """A table (column name -> values) as the JSON table artifact `name`, which the MLflow UI shows as a table."""
+    if (target := _target(run_id)) is None:
+        return
+    _client().log_table(target, data=dict(columns), artifact_file=name)
 
 
 def log_image(image: Image.Image, name: str, run_id: str | None = None) -> None:

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import socket
-import subprocess
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -175,23 +174,6 @@ def _api_message(e: kfp_server_api.ApiException) -> str:
 
 
 # --- versions ------------------------------------------------------------------------------------
-
-
-def git_sha(repo_dir: str | os.PathLike[str]) -> str | None:
-    """Short sha of HEAD, plus "-dirty" when tracked files changed (as `git describe --dirty`); None outside git."""
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=30)
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):  # no git binary, or it hung
-        return None
-    sha = head.stdout.strip()
-    return f"{sha}-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else sha
 
 
 def version_name(package_version: str, git_sha: str | None) -> str:

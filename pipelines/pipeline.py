@@ -89,21 +89,22 @@ def build_pipeline(settings: ClusterSettings | None = None):
         """classify + evaluate for each requested training set, a summary report, registration."""
         train_on, preset, config = p["train_on"], p["preset"], p["config"]
         clip_model, clip_pretrained = p["clip_model"], p["clip_pretrained"]
+        mlflow_run = fs.outputs["mlflow_run"]
         with dsl.ParallelFor(train_on) as setting:
             clf = on_gpu(ops.classify(fewshot_set=fs.outputs["fewshot_set"], synthetic=synthetic,
                                       train_on=setting, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                                      preset=preset, config=config), s)
+                                      preset=preset, config=config, mlflow_run=mlflow_run), s)
             ev = on_cpu(ops.evaluate(fewshot_set=fs.outputs["fewshot_set"], classifier=clf.outputs["classifier"],
                                      synthetic=synthetic, train_on=setting, mode=mode, preset=preset,
-                                     config=config), s)
+                                     config=config, mlflow_run=mlflow_run), s)
         on_cpu(ops.summarize(scores=dsl.Collected(ev.outputs["scores"]), synthetic=synthetic,
-                             fewshot_set=fs.outputs["fewshot_set"]), s)
+                             fewshot_set=fs.outputs["fewshot_set"], mlflow_run=mlflow_run), s)
         reg = on_cpu(ops.register(
             fewshot_set=fs.outputs["fewshot_set"], adapters=adapters, scores=dsl.Collected(ev.outputs["scores"]),
             register_name=p["register_name"], dataset=p["dataset"], data_hash=fs.outputs["data_hash"], mode=mode,
             shots=p["shots"], seed=p["seed"], sd_model=p["sd_model"], clip_model=clip_model,
             clip_pretrained=clip_pretrained, promote_margin=p["promote_margin"], promote_floor=p["promote_floor"],
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), s)
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_run=mlflow_run), s)
         reg.set_caching_options(False)  # a side effect in the registry: never replayed from cache
 
     @dsl.pipeline(
@@ -148,11 +149,14 @@ def build_pipeline(settings: ClusterSettings | None = None):
                  clip_model=clip_model, clip_pretrained=clip_pretrained, preset=preset, config=config,
                  register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor)
         fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=gpus, mode=mode,
-                                register_name=register_name, preset=preset, config=config), s)
+                                images_per_class=images_per_class, sd_model=sd_model, clip_model=clip_model,
+                                clip_pretrained=clip_pretrained,
+                                register_name=register_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                preset=preset, config=config), s)
         fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
         fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
         shard_list = fs.outputs["shard_list"]
-        common = {"preset": preset, "config": config}
+        common = {"preset": preset, "config": config, "mlflow_run": fs.outputs["mlflow_run"]}
 
         with dsl.If(mode == "class", name="class-wise"):
             with dsl.ParallelFor(shard_list, name="class-shards") as shard:

@@ -15,6 +15,7 @@ from kfp_fake import API, FakeKFP
 from kfp_toy_pipeline import toy_pipeline
 
 from datadream.errors import UserError
+from datadream.tracking import git_sha
 from pipelines import client as kc
 
 TOKEN = "tok-3f9a-never-log-me"
@@ -73,7 +74,7 @@ def test_version_name():
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git binary")
 def test_git_sha(tmp_path):
-    assert kc.git_sha(tmp_path) is None  # not a checkout
+    assert git_sha(tmp_path) is None  # not a checkout
     repo = tmp_path / "repo"
     repo.mkdir()
 
@@ -85,12 +86,12 @@ def test_git_sha(tmp_path):
     (repo / "a.txt").write_text("1")
     git("add", "a.txt")
     git("commit", "-qm", "first")
-    sha = kc.git_sha(repo)
+    sha = git_sha(repo)
     assert sha and len(sha) >= 7 and all(c in "0123456789abcdef" for c in sha)
     (repo / "untracked.txt").write_text("x")
-    assert kc.git_sha(repo) == sha  # untracked files don't count, as with `git describe --dirty`
+    assert git_sha(repo) == sha  # untracked files don't count, as with `git describe --dirty`
     (repo / "a.txt").write_text("2")
-    assert kc.git_sha(repo) == f"{sha}-dirty"
+    assert git_sha(repo) == f"{sha}-dirty"
 
 
 # --- connect

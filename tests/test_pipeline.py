@@ -220,6 +220,37 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     adapters = client.get_model_version_by_alias("ptest-sd-lora", "candidate")
     assert champion.tags["adapter_version"] == str(adapters.version)
 
+    # One parent MLflow run for the pipeline run, finished by the register step, with one child per
+    # stage task (per shard, per classifier), each with its params, metrics and artifacts.
+    experiment = client.get_experiment_by_name("ptest")
+    parents = client.search_runs([experiment.experiment_id], "tags.`datadream.kind` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert champion.tags["mlflow_run_id"] == parent.info.run_id
+    assert parent.data.tags["kfp.run_id"] == champion.tags["kfp_run_id"] and len(parent.data.tags["data_hash"]) == 64
+    assert parent.data.params["adapt.rank"] and parent.data.params["generate.images_per_class"] == "2"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = {r.data.tags["datadream.stage"]: r
+                for r in client.search_runs([experiment.experiment_id],
+                                            f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) == {"fewshot", "adapt 0/2", "adapt 1/2", "generate 0/2", "generate 1/2",
+                             "classify synthetic+real", "classify zero-shot",
+                             "evaluate synthetic+real", "evaluate zero-shot", "register"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert all(r.data.tags["data_hash"] == parent.data.tags["data_hash"] for r in children.values())
+    adapt = children["adapt 0/2"]
+    assert adapt.data.params["adapt.max_steps"] == "2"
+    loss = client.get_metric_history(adapt.info.run_id, "loss")
+    assert [m.step for m in loss] == [1, 2, 3, 4, 5, 6]  # 3 classes × 2 steps on one axis
+    assert {a.path for a in client.list_artifacts(children["generate 1/2"].info.run_id)} >= {"samples.png"}
+    ev = children["evaluate synthetic+real"]
+    assert 0 <= ev.data.metrics["test_top1"] <= 1
+    assert {a.path for a in client.list_artifacts(ev.info.run_id)} >= {"confusion_matrix.png", "per_class.json",
+                                                                      "metrics.json"}
+    clf = children["classify synthetic+real"]
+    assert [m.step for m in client.get_metric_history(clf.info.run_id, "val_top1")] == [0, 1]
+
 
 def test_run_local_leaves_print_alone(monkeypatch, tmp_path):
     # kfp.local's per-task print swapping interleaves across parallel tasks; run_local restores print.

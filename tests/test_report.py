@@ -132,3 +132,17 @@ def test_load_result_reads_stage_folders(tmp_path):
     assert result["confusion"] == {"classes": ["a", "b"], "counts": [[3, 1], [0, 4]]}
     assert result["classifier"]["best_epoch"] == 2 and result["metrics"]["top1"] == 0.5
     assert report.load_result("s", ev)["classifier"] is None
+
+
+def test_confusion_image_shades_rows_and_shrinks_for_many_classes():
+    counts = [[8, 2, 0], [0, 10, 0], [5, 0, 5]]
+    image = report.confusion_image(["red", "green", "blue"], counts, cell=20)
+    label_w = image.width - 3 * 20 - report.PAD
+    assert label_w > 0 and image.height == 16 + 3 * 20 + report.PAD
+
+    def shade(i, j):  # the cell's corner pixel: darker = larger share of its row
+        return sum(image.getpixel((label_w + j * 20 + 1, 16 + i * 20 + 1)))
+
+    assert shade(1, 1) < shade(0, 0) < shade(2, 0) < shade(0, 1) < shade(0, 2) == 3 * 255
+    big = report.confusion_image([f"c{i}" for i in range(400)], [[1] * 400 for _ in range(400)])
+    assert max(big.size) <= 1200 + report.PAD  # a heat map of a few pixels per cell, no labels

@@ -269,8 +269,38 @@ def test_helpers_without_a_run_do_nothing(tmp_path):
     tracking.log_step_metrics({"loss": 1.0}, step=0)
     tracking.log_final_metrics({"top1": 1.0})
     tracking.log_json({"a": 1}, "a.json")
+    tracking.log_text("<p>", "r.html")
+    tracking.log_table({"a": [1]}, "t.json")
+    tracking.set_tags({"a": "b"})
     tracking.log_image(Image.new("RGB", (2, 2)), "x.png")
+    with tracking.StepMetrics() as metrics:
+        metrics.add({"loss": 1.0}, 1)
+    with tracking.tracked_stage("", "adapt", {"rank": 4}) as run:  # untracked pipeline: no run, no store check
+        assert run is None
     assert mlflow.active_run() is None
+
+
+def test_step_metrics_are_buffered_and_flushed(mlflow_sqlite, tiny):
+    tracking.check_tracking(mlflow_sqlite)
+    client = MlflowClient(mlflow_sqlite)
+    parent = tracking.start_pipeline_run(f"datadream-test-{uuid.uuid4().hex[:8]}", _tags(tiny()))
+    with tracking.tracked_stage(parent, "adapt 0/2", {"rank": 4}, prefix="adapt") as run:
+        with tracking.StepMetrics(every_s=3600, max_buffer=5) as metrics:
+            for step in range(1, 8):
+                metrics.add({"loss": 1 / step, "lr": None}, step)  # None values are skipped
+            # 5 buffered steps went out in one batch when the buffer filled; the rest wait for the exit.
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+        history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 8)) and history[-1].value == pytest.approx(1 / 7)
+    child = client.get_run(run.info.run_id)
+    assert "lr" not in child.data.metrics and child.data.params == {"adapt.rank": "4"}
+    assert child.data.tags["datadream.stage"] == "adapt 0/2" and child.info.status == "FINISHED"
+
+
+def test_tracked_stage_checks_the_store_first(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(UserError, match="unreachable"), tracking.tracked_stage("0" * 32, "adapt", {}):
+        pass
 
 
 def test_credentials_are_redacted():

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from datadream import tracking
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import Config
 from datadream.data.images import load_rgb
@@ -168,11 +169,15 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
             text_encoder.gradient_checkpointing_enable()
 
     models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
-    for unit in tqdm(units, desc="adapt", unit="adapter"):
-        if (out / unit.name / "adapter.json").exists():
-            log.info("adapt: %s already trained; skipping", unit.name)
-            continue
-        _train_unit(config, unit, models, lora_params, device, amp, out, stop)
+    # MLflow (when tracked): loss and lr per step; units follow each other on one step axis.
+    offset = 0
+    with tracking.StepMetrics() as metrics:
+        for unit in tqdm(units, desc="adapt", unit="adapter"):
+            if (out / unit.name / "adapter.json").exists():
+                log.info("adapt: %s already trained; skipping", unit.name)
+            else:
+                _train_unit(config, unit, models, lora_params, device, amp, out, stop, metrics, offset)
+            offset += total_steps(config, len(unit.records))
 
 
 def _encode_latents(vae, unit: Unit, resolution: int | None, device, dtype) -> list[torch.Tensor]:
@@ -209,7 +214,8 @@ def _batch_latents(latent_stats, idx, crop: int, g: torch.Generator) -> torch.Te
     return torch.stack(batch)
 
 
-def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path, stop) -> None:
+def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path, stop,
+                metrics: tracking.StepMetrics, offset: int) -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -287,7 +293,9 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(idx)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        lr = scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        metrics.add({"loss": loss.item(), "lr": lr}, offset + step + 1)
 
         done = step + 1
         if done < steps and (done % cfg.checkpoint_every == 0 or stop["requested"]):
@@ -297,6 +305,9 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
             if stop["requested"]:
                 raise _StopRequested
     elapsed = time.perf_counter() - t0
+    if steps > start:
+        metrics.add({"steps_per_s": (steps - start) / max(elapsed, 1e-9),
+                     "images_per_s": seen / max(elapsed, 1e-9)}, offset + steps)
     log.info("adapt: %s trained %d steps (%.2f steps/s, final loss %.4f)", unit.name, steps - start,
              (steps - start) / max(elapsed, 1e-9), loss.item() if steps > start else float("nan"))
 

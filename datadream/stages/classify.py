@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
+from datadream import tracking
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
 from datadream.data.images import ImageRejected, load_rgb
@@ -368,9 +370,15 @@ def run(
         log.warning("classify: no usable images in %s; keeping the last epoch instead of the best on val",
                     inputs["val"])
 
+    # MLflow (when tracked): per-step loss and lr on the step axis; per-epoch figures with step = epoch.
+    metrics = tracking.StepMetrics()
+    if start == 0:
+        metrics.add({"val_top1": history[0]["val_top1"]}, 0)
+
     # Loop: every random draw is keyed by (seed, epoch, sample/step), so epoch N is the same batches
     # and augmentations whether or not the process was restarted before it.
     for epoch in range(start + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
         seed_everything(derive_seed(seed, "classify", "epoch", epoch))
         loader = DataLoader(
             ImageDataset(train, train_tf, max_pixels, seed=(seed, "classify", "augment", epoch)),
@@ -397,16 +405,21 @@ def run(
                 scaler.update()
                 loss_sum += float(loss.detach()) * len(batch.labels)
                 seen += len(batch.labels)
+                metrics.add({"step_loss": float(loss.detach()), "step_lr": scheduler.get_last_lr()[0]},
+                            (epoch - 1) * steps_per_epoch + step + 1)
             scheduler.step()  # one schedule step per batch slot, so the schedule never depends on rejections
         if rejected:
             log.warning("classify: epoch %d skipped %d unreadable training images", epoch, rejected)
 
+        elapsed = time.perf_counter() - t0
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
                                  "lr": scheduler.get_last_lr()[0], "val_top1": None, "rejected": rejected}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             entry["val_top1"], entry["val_rejected"] = val_accuracy(
                 model, val_loader, tokens, cfg, device, amp)
         history.append(entry)
+        metrics.add({"train_loss": entry["train_loss"], "lr": entry["lr"], "val_top1": entry["val_top1"],
+                     "train_images_per_s": seen / max(elapsed, 1e-9)}, epoch)
         # Select on val only (never test); with no val score at all, the last epoch wins.
         improved = entry["val_top1"] is not None and entry["val_top1"] > best_val
         if improved or (best_val < 0 and epoch == cfg.epochs):
@@ -426,6 +439,8 @@ def run(
              "history": history},
             meta={"fingerprint": fingerprint},
         )
+
+    metrics.flush()
 
     # Save: the best epoch's adapter, the class head it implies (so inference needs no text tower), and
     # classifier.json last, which marks the folder finished.

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from datadream import tracking
 from datadream.config import Config
 from datadream.data.manifest import Record, read_classes, read_manifest, select_classes, write_classes, write_manifest
 from datadream.errors import UserError
@@ -85,6 +86,7 @@ def run(
     records: list[Record] = []
     made, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(classes) * cfg.images_per_class, desc="generate", unit="img")
+    metrics = tracking.StepMetrics()  # MLflow (when tracked): throughput after each class, step = images made
     for unit, unit_classes in by_unit.items():
         pipe.load_lora_weights(adapters_dir / unit, weight_name=index["weight_name"], adapter_name=unit)
         pipe.set_adapters([unit], adapter_weights=[cfg.lora_scale])
@@ -108,6 +110,8 @@ def run(
                     atomic_write_bytes(paths[i], buf.getvalue())
                 made += len(batch)
                 bar.update(len(batch))
+            if made:
+                metrics.add({"images_per_s": made / max(time.perf_counter() - t0, 1e-9)}, made)
             records += [
                 Record(str(p), c.index, c.slug, sha256_file(p), False,
                        {"prompt": prompt, "seed": image_seed(seed, c.slug, i), "adapter": unit, "index": i})
@@ -115,6 +119,7 @@ def run(
             ]
         pipe.delete_adapters(unit)
     bar.close()
+    metrics.flush()
     elapsed = time.perf_counter() - t0
     log.info("generate: %d new image(s) in %.1f s (%.2f img/s) -> %s", made, elapsed, made / max(elapsed, 1e-9), out)
 
