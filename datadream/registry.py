@@ -10,7 +10,7 @@ Two registered models per registry name NAME:
 Every new version gets the alias `candidate`. Where things live:
 
     model version tags        lineage (as given: dataset_uri, manifest_sha256, shots, seed, mode, clip,
-                              sd, adapters_version, git_sha, kfp_run_id, …), test metrics `test_top1`,
+                              sd, adapter_version, git_sha, kfp_run_id, …), test metrics `test_top1`,
                               `test_top5`, … and the gate's verdict `gate.decision`, `gate.reason`,
                               `gate.compared_to`, `gate.metric`, `gate.margin`, `gate.floor`
     registered model tag      `champion_history`: JSON list of the versions that held `champion`, oldest
@@ -18,7 +18,9 @@ Every new version gets the alias `candidate`. Where things live:
     LoggedModel metrics       the test metrics again, linked to the model (MLflow 3 `model_id`)
 
 The gate (`promote_if_better`) makes a version champion only if its metric reaches the floor and beats
-the champion's by more than the margin; a tie keeps the champion. Read-modify-write of the history tag
+the champion's by more than the margin; a tie keeps the champion. Whenever a classifier version becomes
+champion (gate, `promote`, `rollback`), the NAME-sd-lora version named by its `adapter_version` tag
+becomes champion too, so the two champions always belong together. Read-modify-write of the history tag
 is not atomic: run one promotion per registered model at a time (one pipeline's register step).
 """
 
@@ -170,6 +172,27 @@ def _push_champion(client: MlflowClient, model: str, version: str, previous: str
         history.append(previous)  # champion set by hand outside this module: keep it for rollback
     history.append(version)
     _set_champion(client, model, version, history)
+
+
+def _follow_adapters(client: MlflowClient, name: str, classifier_version) -> None:
+    """Make the adapters a classifier version was trained from (its `adapter_version` tag) the champion
+    of NAME-sd-lora. A classifier without the tag, or a deleted adapter version, leaves it alone."""
+    adapter_version = classifier_version.tags.get("adapter_version")
+    if not adapter_version:
+        return
+    model = adapters_name(name)
+    try:
+        client.get_model_version(model, adapter_version)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        log.warning("registry: %s version %s is gone; its champion is left as it was", model, adapter_version)
+        return
+    champion = _champion(client, model)
+    before = str(champion.version) if champion is not None else None
+    if before != str(adapter_version):
+        _push_champion(client, model, str(adapter_version), before)
+        log.info("registry: %s champion -> version %s (follows the classifier)", model, adapter_version)
 
 
 def _tag_value(value: Any) -> str:
@@ -540,6 +563,7 @@ def promote_if_better(
                       f"by more than the margin {margin:g}")
     if promoted:
         _push_champion(client, model, version, before)
+        _follow_adapters(client, name, mv)
     decision = "promoted" if promoted else "not_promoted"
     for key, val in {"gate.decision": decision, "gate.reason": reason, "gate.compared_to": before or "none",
                      "gate.metric": metric, "gate.margin": repr(float(margin)), "gate.floor": repr(float(floor)),
@@ -561,6 +585,8 @@ def promote(name: str, version: str | int, *, kind: Kind = "classifier", trackin
         return {"decision": "unchanged", "reason": f"version {version} is already the champion",
                 "champion_before": before, "champion_after": before}
     _push_champion(client, model, version, before)
+    if kind == "classifier":
+        _follow_adapters(client, name, client.get_model_version(model, version))
     reason = "promoted by hand"
     for key, val in {"gate.decision": "promoted", "gate.reason": reason, "gate.compared_to": before or "none",
                      "gate.time": _now()}.items():
@@ -589,6 +615,8 @@ def rollback(name: str, *, kind: Kind = "classifier", tracking_uri: str | None =
         raise UserError(f"registered model {model!r} has no previous champion to roll back to")
     target = history[-1]
     _set_champion(client, model, target, history)
+    if kind == "classifier":
+        _follow_adapters(client, name, client.get_model_version(model, target))
     if current is not None:
         client.set_model_version_tag(model, current, "gate.rolled_back", f"replaced by version {target} at {_now()}")
     log.info("registry: %s champion rolled back %s -> %s", model, current, target)

@@ -219,6 +219,8 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     assert champion.tags["train_on"] in {"synthetic+real", "zero-shot"} and "test_top1" in champion.tags
     adapters = client.get_model_version_by_alias("ptest-sd-lora", "candidate")
     assert champion.tags["adapter_version"] == str(adapters.version)
+    # The adapters the champion classifier came from are the adapters' champion.
+    assert client.get_model_version_by_alias("ptest-sd-lora", "champion").version == adapters.version
 
     # One parent MLflow run for the pipeline run, finished by the register step, with one child per
     # stage task (per shard, per classifier), each with its params, metrics and artifacts.

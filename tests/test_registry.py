@@ -36,7 +36,7 @@ from datadream.stages import adapt, classify, evaluate
 
 CLASSIFY = ("classify.epochs=3", "classify.batch_size=8", "classify.warmup_steps=1")
 LINEAGE = {"dataset_uri": "file:///data/colours", "manifest_sha256": "ab" * 32, "shots": 4, "seed": 1,
-           "mode": "class", "sd": "tiny", "adapters_version": "1", "git_sha": "0123abc", "kfp_run_id": None}
+           "mode": "class", "sd": "tiny", "adapter_version": None, "git_sha": "0123abc", "kfp_run_id": None}
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
@@ -309,6 +309,29 @@ def test_gate_promotes_only_a_clear_improvement(registered):
     assert gate_tags("gate", v1)["gate.compared_to"] == "none"
     history = json.loads(MlflowClient().get_registered_model("gate-classifier").tags["champion_history"])
     assert history == [v1, v4]
+
+
+def test_adapters_champion_follows_the_classifier_champion(registered):
+    client = MlflowClient()
+    source = client.get_model_version("colours-classifier", registered[0]).source
+    client.create_registered_model("pair-sd-lora")
+    a1, a2 = (str(client.create_model_version("pair-sd-lora", source).version) for _ in range(2))
+    c1, c2 = (add_version(registered, "pair", top1) for top1 in (0.5, 0.7))
+    client.set_model_version_tag("pair-classifier", c1, "adapter_version", a1)
+    client.set_model_version_tag("pair-classifier", c2, "adapter_version", a2)
+
+    def adapters_champion() -> str:
+        return str(client.get_model_version_by_alias("pair-sd-lora", "champion").version)
+
+    assert registry.promote_if_better("pair", c1)["decision"] == "promoted" and adapters_champion() == a1
+    assert registry.promote_if_better("pair", c2)["decision"] == "promoted" and adapters_champion() == a2
+    registry.rollback("pair")
+    assert champion("pair") == c1 and adapters_champion() == a1
+    registry.promote("pair", c2)
+    assert adapters_champion() == a2
+    untagged = add_version(registered, "pair", 0.9)  # no adapter_version: the adapters' champion stays
+    registry.promote_if_better("pair", untagged)
+    assert champion("pair") == untagged and adapters_champion() == a2
 
 
 def test_gate_floor(registered):
