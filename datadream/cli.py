@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.csv)")
     _config_args(p)
     _pipeline_parser(sub)
-    from datadream import registry_cli
+    from datadream import registry_cli, tune_cli
 
     registry_cli.add_parser(sub)
+    tune_cli.add_parser(sub, lambda a: _config_args(a, default_preset="tiny"))
     return parser
 
 
@@ -271,6 +272,11 @@ def run_command(args) -> None:
         from datadream import registry_cli
 
         registry_cli.run(args)
+        return
+    if cmd == "tune":
+        from datadream import tune_cli
+
+        tune_cli.run(args, _load)
         return
     if cmd == "fewshot":
         from datadream.stages import fewshot

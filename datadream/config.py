@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datadream.errors import UserError
 
@@ -157,6 +157,106 @@ class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1, description="Images per forward pass.")
 
 
+# Settings a search campaign may vary, and their types (adapt = SD LoRA, classify = CLIP LoRA).
+SEARCHABLE: dict[str, type] = {"adapt.rank": int, "adapt.lr": float, "classify.rank": int, "classify.lr": float}
+
+
+class ParamRange(Section):
+    """One search dimension: `choices` (categorical) or `low`..`high` (uniform, or log-uniform with `log`)."""
+
+    choices: list[float] | None = Field(None, min_length=1, description="Categorical values.")
+    low: float | None = Field(None, description="Lower bound (inclusive).")
+    high: float | None = Field(None, description="Upper bound (inclusive).")
+    log: bool = Field(False, description="Sample low..high on a log scale.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("expected choices: [...] or both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low:g}")
+        return self
+
+
+def _default_space() -> dict[str, ParamRange]:
+    return {
+        "adapt.rank": ParamRange(choices=[4, 8, 16, 32, 64]),
+        "adapt.lr": ParamRange(low=1e-5, high=1e-3, log=True),
+        "classify.rank": ParamRange(choices=[4, 8, 16, 32]),
+        "classify.lr": ParamRange(low=1e-5, high=1e-3, log=True),
+    }
+
+
+class TuneConfig(Section):
+    search: list[str] = Field(
+        ["adapt.rank", "adapt.lr"], min_length=1,
+        description=f"Which settings a campaign searches; any of {', '.join(SEARCHABLE)}.",
+    )
+    space: dict[str, ParamRange] = Field(
+        default_factory=_default_space,
+        description="Range of each searchable setting. A rank's LoRA alpha follows it (alpha/rank kept).",
+    )
+    fidelity: dict[str, Any] = Field(
+        {"generate.images_per_class": 100, "adapt.epochs": 50, "classify.epochs": 20},
+        description="Overrides ('section.key': value) applied to every trial to make it cheaper.",
+    )
+    train_on: Literal["synthetic", "synthetic+real"] = Field(
+        "synthetic", description="The trial classifier's training data; its val top-1 is the objective."
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops trials whose val top-1 per epoch trails the others'."
+    )
+    pruner_warmup_epochs: int = Field(1, ge=0, description="Epochs before a trial may be pruned (median).")
+    startup_trials: int = Field(10, ge=0, description="Random trials before TPE models the space.")
+    sampler_seed: int | None = Field(0, description="TPE sampler seed (None = random).")
+    heartbeat_s: int = Field(60, ge=1, description="Trial heartbeat interval (SQL storage).")
+    grace_s: int = Field(180, ge=1, description="A trial without a heartbeat this long is failed and retried.")
+    max_retry: int = Field(2, ge=0, description="Retries of a trial whose worker died.")
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, v: list[str]) -> list[str]:
+        unknown = [k for k in v if k not in SEARCHABLE]
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r}; searchable: {', '.join(SEARCHABLE)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a parameter is listed twice")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _known_space(cls, v: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        unknown = [k for k in v if k not in SEARCHABLE]
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r}; searchable: {', '.join(SEARCHABLE)}")
+        return {**_default_space(), **v}
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if k.count(".") != 1 or k.startswith("tune.")]
+        if bad:
+            raise ValueError(f"key {bad[0]!r}: expected 'section.key' of a stage setting")
+        return v
+
+    @model_validator(mode="after")
+    def _searched_have_ranges(self) -> TuneConfig:
+        for name in self.search:
+            r = self.space[name]
+            if SEARCHABLE[name] is int and r.choices is not None and any(c != int(c) or c < 1 for c in r.choices):
+                raise ValueError(f"space.{name}: ranks must be whole numbers ≥ 1, got {r.choices}")
+            if name.endswith(".lr") and ((r.choices is not None and min(r.choices) <= 0) or
+                                         (r.low is not None and r.low <= 0)):
+                raise ValueError(f"space.{name}: learning rates must be > 0")
+        return self
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -166,8 +266,10 @@ class Config(Section):
     generate: GenerateConfig = GenerateConfig()
     classify: ClassifyConfig = ClassifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
 
-    @field_validator("run", "data", "models", "fewshot", "adapt", "generate", "classify", "evaluate", mode="before")
+    @field_validator("run", "data", "models", "fewshot", "adapt", "generate", "classify", "evaluate", "tune",
+                     mode="before")
     @classmethod
     def _section_is_mapping(cls, v: Any) -> Any:
         if v is not None and not isinstance(v, dict | Section):

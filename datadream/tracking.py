@@ -357,7 +357,8 @@ def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
 
 
 def start_pipeline_run(
-    experiment: str, tags: Mapping[str, Any], params: Mapping[str, Any] | None = None, run_name: str | None = None
+    experiment: str, tags: Mapping[str, Any], params: Mapping[str, Any] | None = None, run_name: str | None = None,
+    match_tag: str = KFP_RUN_TAG,
 ) -> str:
     """The id of the parent run of this pipeline run, created or re-attached; it is left RUNNING.
 
@@ -365,20 +366,21 @@ def start_pipeline_run(
     `experiment` with the same `kfp.run_id` is reused (a retried or resumed pipeline run), its tags
     updated and only params it lacks added. Without `kfp.run_id` every call creates a new run.
     `params` may be nested; they are flattened to "section.key". End it with `finish_pipeline_run`.
+    `match_tag` names the tag that identifies the run instead (a search campaign: `optuna.study`).
     """
     clean = _clean_tags(tags)
     clean[KIND_TAG] = "pipeline"
     experiment_id = get_or_create_experiment(experiment)
-    kfp_run_id = clean.get(KFP_RUN_TAG)
-    if kfp_run_id:
-        filter_string = f"tags.`{KFP_RUN_TAG}` = {_quote(kfp_run_id, KFP_RUN_TAG)} and tags.`{KIND_TAG}` = 'pipeline'"
+    key = clean.get(match_tag)
+    if key:
+        filter_string = f"tags.`{match_tag}` = {_quote(key, match_tag)} and tags.`{KIND_TAG}` = 'pipeline'"
         run, created = _find_or_create(experiment_id, filter_string, run_name, {**clean, ATTEMPT_TAG: "1"})
     else:
-        logger.warning("MLflow: no %s tag; a new pipeline run is created that a retry cannot re-attach to", KFP_RUN_TAG)
+        logger.warning("MLflow: no %s tag; a new pipeline run is created that a retry cannot re-attach to", match_tag)
         run, created = _client().create_run(experiment_id, tags={**clean, ATTEMPT_TAG: "1"}, run_name=run_name), True
     run_id = run.info.run_id
     if not created:
-        logger.info("MLflow: re-attached to pipeline run %s (%s=%s)", run_id, KFP_RUN_TAG, kfp_run_id)
+        logger.info("MLflow: re-attached to pipeline run %s (%s=%s)", run_id, match_tag, key)
         _set_tags(run_id, clean)
         _bump_attempt(run)
     if params:
@@ -426,7 +428,7 @@ def stage_run(
         logger.info("MLflow: re-attached to %s run %s (was %s)", stage, run_id, run.info.status)
         _set_tags(run_id, {k: v for k, v in clean.items() if k != "mlflow.parentRunId"})
         _bump_attempt(run)
-    _log_params(run_id, flatten(config_section, prefix or stage))
+    _log_params(run_id, flatten(config_section, stage if prefix is None else prefix))
 
     active = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
     try:

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -289,9 +290,13 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def run(
-    config: Config, fewshot_dir: str | Path, synthetic_dir: str | Path | None, out_dir: str | Path
+    config: Config, fewshot_dir: str | Path, synthetic_dir: str | Path | None, out_dir: str | Path,
+    on_epoch: Callable[[int, float | None], None] | None = None,
 ) -> Path:
-    """Train the CLIP LoRA classifier into `out_dir` (see the module docstring); returns `out_dir`."""
+    """Train the CLIP LoRA classifier into `out_dir` (see the module docstring); returns `out_dir`.
+
+    `on_epoch(epoch, best_val_top1_so_far)` is called after each epoch's checkpoint (a search prunes
+    trials from it by raising); the value is None while no val score exists."""
     cfg, seed = config.classify, config.run.seed
     fewshot_dir, out = Path(fewshot_dir), Path(out_dir)
     synthetic_dir = Path(synthetic_dir) if synthetic_dir is not None else None
@@ -439,6 +444,9 @@ def run(
              "history": history},
             meta={"fingerprint": fingerprint},
         )
+        if on_epoch is not None:
+            metrics.flush()  # the callback may end the run (a pruned trial)
+            on_epoch(epoch, best_val if best_val >= 0 else None)
 
     metrics.flush()
 

@@ -1,0 +1,478 @@
+"""Optuna search campaigns over LoRA rank and learning rate (SD adapter and CLIP classifier).
+
+A campaign is an Optuna study in a storage URL that every worker shares:
+  postgresql://…             the cluster (many workers on many GPUs)
+  sqlite:///tune.db          a laptop (a few local workers)
+  journal:///path/tune.log   a laptop or a shared file system, without a database server
+A trial runs adapt → generate → classify on one few-shot set with the trial's settings layered on the
+config (plus `tune.fidelity`, which makes trials cheap) and returns the classifier's best **val**
+top-1 — never test. It reports the best val top-1 after every classify epoch, so the pruner stops
+trials that trail. The config's own values (the paper's) are enqueued as trial 0.
+
+Workers: each runs `study.optimize` until the study holds `trials` finished (complete or pruned)
+trials, so `--trials N` is a target for the whole campaign: stopping and re-running the same command
+resumes it, and a finished campaign is a no-op. With SQL storage every running trial sends a
+heartbeat; a trial whose worker died (OOM, preempted spot node, SIGKILL) is marked failed after
+`tune.grace_s` by the next worker to start a trial, and retried with the same settings
+(`RetryHeartbeatStaleTrialCallback`). Trial work folders are keyed by the settings, so the retry resumes
+the dead trial's checkpoints. Journal storage has no heartbeats: a dead worker's trial stays RUNNING.
+
+MLflow: one campaign run per study (re-attached by the `optuna.study` tag), one child run per trial
+(the trial's settings as params, the stages' step metrics, the objective, `optuna.state`), the
+trial number and the run id cross-referenced (`optuna.trial_number` tag, `mlflow_run_id` user attr),
+and the best trial's run tagged `optuna.best=true`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from datadream.config import SEARCHABLE, Config, _deep_merge
+from datadream.errors import UserError
+from datadream.io import atomic_write_text, sha256_json
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("COMPLETE", "PRUNED")
+STUDY_TAG = "optuna.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"
+BEST_TAG = "optuna.best"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# --- storage -----------------------------------------------------------------------------------------------
+
+
+def check_study_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise UserError(f"--study {name!r}: use 1–128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return name
+
+
+def open_storage(url: str, config: Config | None = None, timeout_s: float = 10):
+    """The Optuna storage behind `url`, checked now: an unreachable database is one UserError line.
+
+    SQL URLs get heartbeats (`tune.heartbeat_s`, `tune.grace_s`) and retries of stale trials
+    (`tune.max_retry`); `journal:///path` (or a path ending in .log/.journal) is a journal file."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from datadream.tracking import redact
+
+    url = (url or "").strip()
+    if not url:
+        raise UserError("--storage: expected a storage URL (postgresql://…, sqlite:///tune.db or journal:///tune.log)")
+    tune = (config or Config()).tune
+    journal = url[len("journal://"):] if url.startswith("journal://") else url if "://" not in url else None
+    if journal is not None:
+        if not journal.endswith((".log", ".journal")) and not url.startswith("journal://"):
+            raise UserError(f"--storage {url!r}: expected a URL (postgresql://…, sqlite:///…) or journal:///file.log")
+        path = Path(journal)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise UserError(f"--storage {url}: cannot open journal file ({e.strerror})") from None
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        with contextlib.suppress(OSError):
+            db.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("postgres"):
+        engine_kwargs = {"connect_args": {"connect_timeout": max(1, round(timeout_s))}, "pool_pre_ping": True}
+    try:
+        with _quiet_optuna(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.8
+            return RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry),
+            )
+    except ImportError as e:
+        raise UserError(f"--storage {redact(url)}: database driver not installed ({e.name})") from None
+    except Exception as e:
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--storage {redact(url)}: unreachable ({redact(first)[:200]})") from None
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def load_study(name: str, storage_url: str, config: Config | None = None):
+    """An existing study; UserError naming the study and the storage when it is absent."""
+    import optuna
+
+    from datadream.tracking import redact
+
+    storage = open_storage(storage_url, config)
+    try:
+        return optuna.load_study(study_name=check_study_name(name), storage=storage)
+    except KeyError:
+        names = optuna.study.get_all_study_names(storage)
+        raise UserError(f"--study {name!r}: no such study in {redact(storage_url)}"
+                        + (f" (studies: {', '.join(names[:10])})" if names else " (it holds no studies)")) from None
+
+
+# --- the search space ------------------------------------------------------------------------------------------
+
+
+def baseline_params(config: Config) -> dict[str, Any]:
+    """The config's own values of the searched settings (enqueued as trial 0)."""
+    data = config.to_dict()
+    return {name: data[name.split(".")[0]][name.split(".")[1]] for name in config.tune.search}
+
+
+def suggest(trial, config: Config) -> dict[str, Any]:
+    """The trial's value of each searched setting."""
+    params = {}
+    for name in config.tune.search:
+        r = config.tune.space[name]
+        if r.choices is not None:
+            choices = [int(c) for c in r.choices] if SEARCHABLE[name] is int else list(r.choices)
+            params[name] = trial.suggest_categorical(name, choices)
+        elif SEARCHABLE[name] is int:
+            params[name] = trial.suggest_int(name, math.ceil(r.low), math.floor(r.high), log=r.log)
+        else:
+            params[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+    return params
+
+
+def _dotted(overrides: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        out = _deep_merge(out, {section: {name: value}})
+    return out
+
+
+def trial_config(config: Config, params: dict[str, Any], fidelity: bool = True) -> Config:
+    """`config` with the fidelity overrides (for search) and the trial's settings; a rank carries its
+    LoRA alpha along (alpha/rank, the LoRA scale, stays the config's)."""
+    data = config.to_dict()
+    if fidelity:
+        data = _deep_merge(data, _dotted(config.tune.fidelity))
+    data = _deep_merge(data, _dotted(params))
+    for section in ("adapt", "classify"):
+        if f"{section}.rank" in params:
+            old = getattr(config, section)
+            data[section]["alpha"] = old.alpha / old.rank * params[f"{section}.rank"]
+    try:
+        return Config.model_validate(data)
+    except Exception as e:
+        raise UserError(f"tune.fidelity or the trial's settings {params}: {str(e).splitlines()[0]}") from None
+
+
+def best_overrides(config: Config, params: dict[str, Any]) -> dict:
+    """The nested config mapping (`--config` file or the pipeline's `config` text) for `params`,
+    alpha included for ranks."""
+    full = trial_config(config, params, fidelity=False).to_dict()
+    out: dict = {}
+    for name in params:
+        section, key = name.split(".")
+        out.setdefault(section, {})[key] = full[section][key]
+        if key == "rank":
+            out[section]["alpha"] = full[section]["alpha"]
+    return out
+
+
+def write_best(study, config: Config, path: str | os.PathLike) -> Path:
+    """Write the best trial's settings as a config file; UserError if no trial completed yet."""
+    import yaml
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise UserError(f"study {study.study_name!r}: no completed trial yet; nothing to export") from None
+    body = yaml.safe_dump(best_overrides(config, best.params), sort_keys=True)
+    header = (f"# Best trial of study {study.study_name!r}: trial {best.number}, val top-1 {best.value:.4f}\n"
+              f"# Use: datadream … --config {Path(path).name}, or as the pipeline's `config` parameter.\n")
+    atomic_write_text(path, header + body)
+    return Path(path)
+
+
+# --- campaigns ----------------------------------------------------------------------------------------------------
+
+
+def create_study(name: str, storage_url: str, config: Config):
+    """Create or load the study (safe when workers race) and enqueue the baseline once."""
+    import optuna
+
+    pruner: optuna.pruners.BasePruner
+    if config.tune.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.tune.pruner_warmup_epochs)
+    elif config.tune.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, config.classify.epochs))
+    else:
+        pruner = optuna.pruners.NopPruner()
+    sampler = optuna.samplers.TPESampler(seed=config.tune.sampler_seed, n_startup_trials=config.tune.startup_trials)
+    storage = open_storage(storage_url, config)
+    with _quiet_optuna():
+        study = optuna.create_study(study_name=check_study_name(name), storage=storage, direction="maximize",
+                                    load_if_exists=True, sampler=sampler, pruner=pruner)
+        if not study.trials:
+            study.enqueue_trial(baseline_params(config), skip_if_exists=True)
+    return study
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+class Campaign:
+    """One worker's view of a campaign: the base config, the few-shot set and where trials work."""
+
+    def __init__(self, study, config: Config, fewshot_dir: str | os.PathLike, work: str | os.PathLike,
+                 experiment: str | None = None):
+        self.study, self.config = study, config
+        self.fewshot_dir, self.work = Path(fewshot_dir), Path(work)
+        self.experiment = experiment
+        self.parent_run: str | None = None
+
+    def open_tracking(self, storage_url: str) -> None:
+        if not self.experiment:
+            return
+        from datadream import tracking
+
+        tracking.check_tracking()
+        self.parent_run = tracking.start_pipeline_run(
+            self.experiment, {STUDY_TAG: self.study.study_name, "optuna.storage": storage_url,
+                              "git_sha": tracking.code_version()},
+            params={"tune": self.config.to_dict()["tune"]}, run_name=f"tune-{self.study.study_name}",
+            match_tag=STUDY_TAG)
+
+    def objective(self, trial) -> float:
+        import optuna
+
+        from datadream import tracking
+
+        params = suggest(trial, self.config)
+        cfg = trial_config(self.config, params)
+        cfg = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"train_on": cfg.tune.train_on})})
+        folders = self.folders(cfg)
+        trial.set_user_attr("work_dir", str(folders["classifier"]))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        log.info("tune: trial %d %s -> %s", trial.number, params, folders["classifier"])
+        stage = tracking.tracked_stage(self.parent_run, f"trial {trial.number}",
+                                       {**params, **{f"fidelity.{k}": v for k, v in cfg.tune.fidelity.items()}},
+                                       prefix="", tags={TRIAL_TAG: trial.number, STUDY_TAG: self.study.study_name})
+        pruned = None
+        with stage as run:
+            if run is not None:
+                trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            try:
+                value = self._run_trial(trial, cfg, folders)
+            except optuna.TrialPruned as e:
+                pruned = e
+                tracking.set_tags({STATE_TAG: "PRUNED"})
+            else:
+                tracking.set_tags({STATE_TAG: "COMPLETE"})
+                tracking.log_final_metrics({"objective_val_top1": value})
+        if pruned is not None:
+            raise pruned
+        return value
+
+    def folders(self, cfg: Config) -> dict[str, Path]:
+        """Work folders keyed by the settings each stage depends on: trials that differ only in CLIP
+        settings share the SD adapters and images, and a retried trial resumes its own checkpoints."""
+        d = cfg.to_dict()
+        sd = {k: d[k] for k in ("run", "data", "models", "fewshot", "adapt")}
+        images = {**sd, "generate": d["generate"]}
+        return {"adapters": self.work / "adapters" / sha256_json(sd)[:16],
+                "synthetic": self.work / "synthetic" / sha256_json(images)[:16],
+                "classifier": self.work / "classifiers" / sha256_json({**images, "classify": d["classify"]})[:16]}
+
+    def _run_trial(self, trial, cfg: Config, folders: dict[str, Path]) -> float:
+        import json
+
+        import optuna
+
+        from datadream.stages import adapt, classify, generate
+
+        def report(epoch: int, best_val: float | None) -> None:
+            if best_val is None:
+                return
+            trial.report(best_val, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (best val top-1 {best_val:.4f})")
+
+        # Shared folders are built by one worker at a time; the others wait, then find them finished.
+        with _locked(folders["adapters"]):
+            adapt.run(cfg, self.fewshot_dir, folders["adapters"])
+        with _locked(folders["synthetic"]):
+            generate.run(cfg, self.fewshot_dir, folders["adapters"], folders["synthetic"])
+        with _locked(folders["classifier"]):
+            out = classify.run(cfg, self.fewshot_dir, folders["synthetic"], folders["classifier"], on_epoch=report)
+        clf = json.loads((out / "classifier.json").read_text())
+        if clf.get("best_val_top1") is None:
+            raise UserError(f"{self.fewshot_dir}: the val split is empty; a search needs val images")
+        return float(clf["best_val_top1"])
+
+    def optimize(self, trials: int) -> int:
+        """Run trials until the study holds `trials` finished ones; returns how many this worker ran."""
+        from optuna.study import MaxTrialsCallback
+
+        done = finished(self.study)
+        if done >= trials:
+            log.info("tune: study %s already holds %d finished trials (target %d); nothing to do",
+                     self.study.study_name, done, trials)
+            return 0
+        ran = []
+        with _quiet_optuna():
+            self.study.optimize(self.objective, n_trials=trials, gc_after_trial=True, catch=(),
+                                callbacks=[MaxTrialsCallback(trials, states=_finished_states()),
+                                           lambda study, trial: ran.append(trial.number)])
+        return len(ran)
+
+    def tag_best(self) -> None:
+        """Mark the best trial's MLflow run (and only it) with optuna.best=true."""
+        if not self.parent_run:
+            return
+        tag_best(self.study, self.parent_run)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on `<folder>.lock` (flock: released by the kernel if the holder dies)."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _finished_states():
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def tag_best(study, parent_run: str) -> None:
+    from mlflow import MlflowClient
+
+    from datadream import tracking
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        return
+    client = MlflowClient()
+    best_run = best.user_attrs.get("mlflow_run_id")
+    experiment_id = client.get_run(parent_run).info.experiment_id
+    for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run}' "
+                                                   f"and tags.`{BEST_TAG}` = 'true'"):
+        if run.info.run_id != best_run:
+            client.delete_tag(run.info.run_id, BEST_TAG)
+    if best_run:
+        tracking.set_tags({BEST_TAG: "true"}, best_run)
+    tracking.set_tags({"optuna.best_trial": best.number, "optuna.best_value": f"{best.value:.6f}",
+                       **{f"best.{k}": v for k, v in best.params.items()}}, parent_run)
+
+
+def run_workers(argv: list[str], workers: int, env: dict[str, str] | None = None) -> int:
+    """Start `workers` worker processes (`datadream <argv> --workers 1`, with `env` added to the
+    environment) and wait for all of them. Returns the first non-zero exit status, or 0. Ctrl-C stops
+    the workers; the campaign resumes from the storage."""
+    full_env = {**os.environ, **(env or {})}
+    # Share the cores: W processes with a thread per core each oversubscribe the CPU (10× slower on 2 cores).
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        full_env.setdefault(var, threads)
+    # Their one-line summaries would repeat the caller's; their logs go to stderr as usual.
+    procs = [subprocess.Popen([sys.executable, "-m", "datadream.cli", *argv, "--workers", "1"], env=full_env,
+                              stdout=subprocess.DEVNULL) for _ in range(workers)]
+    status = 0
+    try:
+        for p in procs:
+            rc = p.wait()
+            status = status or rc
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    return status
+
+
+# --- reports -------------------------------------------------------------------------------------------------------
+
+
+def trials_table(study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+            t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     "last_epoch": max(t.intermediate_values) if t.intermediate_values else None,
+                     "seconds": round(duration, 1) if duration is not None else None, **t.params,
+                     "retry_of": t.system_attrs.get("failed_trial"),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return rows
+
+
+def importances(study) -> dict[str, float]:
+    """Parameter importances (Optuna's default evaluator); empty with fewer than 2 completed trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or not complete[0].params:
+        return {}
+    try:
+        with _quiet_optuna():
+            return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        log.warning("tune: no parameter importances (%s)", e)
+        return {}
+
+
+def plot_history(study, path: str | os.PathLike) -> Path:
+    """The optimization history (objective per trial and best so far) as a PNG."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning: the matplotlib backend is "experimental"
+        ax = plot_optimization_history(study)
+    ax.set_ylabel("val top-1")
+    fig = ax.figure
+    fig.set_size_inches(8, 4.5)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
