@@ -15,7 +15,8 @@ from datadream import __version__
 # The one place the image reference is set; `datadream pipeline compile --image` or $DATADREAM_IMAGE
 # override it at compile time.
 DEFAULT_IMAGE = f"ghcr.io/datadream/datadream:{__version__}"
-STEPS = ("fewshot", "adapt", "generate", "gather", "gather_adapters", "classify", "evaluate", "summarize", "register")
+STEPS = ("fewshot", "adapt", "generate", "gather", "gather_adapters", "classify", "evaluate", "summarize", "register",
+         "tune_prepare", "tune_worker", "tune_best")
 
 
 def image_reference() -> str:

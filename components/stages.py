@@ -435,3 +435,152 @@ def register(
         gate = registry.promote_if_better(register_name, version, margin=promote_margin, floor=promote_floor)
     tracking.finish_pipeline_run(parent)
     return outputs(version, adapters_version, f"{gate['decision']}: {gate['reason']}")
+
+
+def tune_prepare(
+    dataset: str,
+    shots: int,
+    seed: int,
+    mode: str,
+    sd_model: str,
+    clip_model: str,
+    clip_pretrained: str,
+    study: str,
+    storage: str,
+    workers: int,
+    register_name: str,
+    preset: str,
+    config: str,
+    fewshot_set: Output[Dataset],
+) -> NamedTuple("TunePrepareOutputs", [("run_config", str), ("worker_list", list[str])]):
+    """Check the search settings and the study storage, sample the few-shot set, create the study.
+
+    Args:
+        dataset: ImageFolder path or URI; "demo" = the procedural demo dataset.
+        shots, seed, mode, sd_model, clip_model, clip_pretrained: as in the datadream pipeline.
+        study: Optuna study name (one campaign; re-running resumes it).
+        storage: study storage URL without a password; "" = $OPTUNA_STORAGE from the datadream-secrets Secret.
+        workers: parallel worker tasks (GPUs).
+        register_name: the campaign's MLflow experiment is <register_name>-tune, checked and created
+            here (before the workers start at once); "" = no MLflow.
+        preset: base settings, paper or tiny.
+        config: YAML text layered on the preset (tune.search, tune.space, tune.fidelity, …).
+        fewshot_set: the FewShotSet every trial trains on.
+
+    Returns:
+        run_config: `config` with the pipeline's parameters folded in, for the workers.
+        worker_list: one entry per worker, for the fan-out.
+    """
+    from collections import namedtuple
+    from pathlib import Path
+
+    import yaml
+
+    from datadream import tune
+    from datadream.config import deep_merge, layered_overrides, load_config
+    from datadream.stages import fewshot as stage
+
+    overrides = [f"fewshot.shots={shots}", f"fewshot.seed={seed}", f"adapt.mode={mode}", f"models.sd={sd_model}",
+                 f"models.clip={clip_model}", f"models.clip_pretrained={clip_pretrained or 'null'}"]
+    cfg = load_config(preset, text=config, overrides=overrides)  # bad settings fail here, before any GPU
+    if workers < 1:
+        from datadream.errors import UserError
+
+        raise UserError(f"workers {workers}: expected at least 1")
+    url = tune.storage_from(storage)
+    tune.create_study(study, url, cfg)
+    if register_name:
+        from datadream import tracking
+
+        tracking.check_tracking()
+        tracking.get_or_create_experiment(f"{register_name}-tune")
+    if dataset == "demo":
+        import tempfile
+
+        from datadream.data.demo import make_demo_dataset
+
+        dataset = make_demo_dataset(Path(tempfile.mkdtemp(prefix="datadream-demo-")) / "dataset", seed=0)
+    stage.run(cfg, dataset, fewshot_set.path)
+    run_config = yaml.safe_dump(deep_merge(yaml.safe_load(config) or {}, layered_overrides([], overrides)),
+                                sort_keys=True)
+    outputs = namedtuple("TunePrepareOutputs", ["run_config", "worker_list"])
+    return outputs(run_config, [str(i) for i in range(max(1, workers))])
+
+
+def tune_worker(
+    fewshot_set: Input[Dataset],
+    study: str,
+    storage: str,
+    trials: int,
+    worker: str,
+    register_name: str,
+    preset: str,
+    run_config: str,
+):
+    """One search worker on one GPU: runs trials until the study holds `trials` finished ones.
+
+    Args:
+        fewshot_set: the FewShotSet from tune_prepare.
+        study: Optuna study name.
+        storage: study storage URL; "" = $OPTUNA_STORAGE.
+        trials: finished trials the campaign should reach (all workers together).
+        worker: this worker's index (for the logs).
+        register_name: the campaign is tracked in MLflow experiment <register_name>-tune; "" = no MLflow.
+        preset: base settings, paper or tiny.
+        run_config: the campaign's settings from tune_prepare.
+    """
+    import logging
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from datadream import tune
+    from datadream.config import load_config
+
+    cfg = load_config(preset, text=run_config)
+    url = tune.storage_from(storage)
+    s = tune.create_study(study, url, cfg)
+    work = Path(os.environ.get("DATADREAM_WORK") or tempfile.gettempdir()) / "datadream-tune" / study
+    campaign = tune.Campaign(s, cfg, fewshot_set.path, work, f"{register_name}-tune" if register_name else None)
+    campaign.open_tracking(url)
+    ran = campaign.optimize(trials)
+    campaign.tag_best()
+    logging.getLogger("datadream").info("tune worker %s: ran %d trial(s)", worker, ran)
+
+
+def tune_best(
+    study: str,
+    storage: str,
+    preset: str,
+    run_config: str,
+    best: Output[Artifact],
+) -> NamedTuple("TuneBestOutputs", [("config", str), ("best_value", float), ("best_trial", int)]):
+    """Write the best trial's settings as a config file, and the run's config with them for the next run.
+
+    Args:
+        study: Optuna study name.
+        storage: study storage URL; "" = $OPTUNA_STORAGE.
+        preset: base settings, paper or tiny.
+        run_config: the campaign's settings from tune_prepare.
+        best: best.yaml, the best settings alone (for `--config` or a scheduled run's `config`).
+
+    Returns:
+        config: `run_config` with the best settings layered on (the datadream pipeline's `config`).
+        best_value: the best val top-1.
+        best_trial: its trial number.
+    """
+    from collections import namedtuple
+    from pathlib import Path
+
+    import yaml
+
+    from datadream import tune
+    from datadream.config import deep_merge, load_config
+
+    cfg = load_config(preset, text=run_config)
+    s = tune.load_study(study, tune.storage_from(storage), cfg)
+    path = tune.write_best(s, cfg, Path(best.path))
+    best.metadata.update({"study": study, "trial": s.best_trial.number, "val_top1": s.best_value})
+    merged = deep_merge(yaml.safe_load(run_config) or {}, yaml.safe_load(path.read_text()))
+    outputs = namedtuple("TuneBestOutputs", ["config", "best_value", "best_trial"])
+    return outputs(yaml.safe_dump(merged, sort_keys=True), float(s.best_value), int(s.best_trial.number))

@@ -112,6 +112,11 @@ def _pipeline_parser(sub) -> None:
         a.add_argument("--namespace", help="Kubeflow profile namespace (multi-user)")
         a.add_argument("--package", help="a compiled YAML to use instead of compiling now")
         cluster_args(a)
+        pipeline_arg(a)
+
+    def pipeline_arg(a):
+        a.add_argument("--pipeline", default="datadream", choices=("datadream", "datadream-tune"),
+                       help="datadream (a run, default) or datadream-tune (a search campaign, then a run)")
 
     def params_arg(a):
         a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -120,16 +125,18 @@ def _pipeline_parser(sub) -> None:
     a = actions.add_parser("compile", help="write the pipeline YAML (same inputs, byte-identical output)")
     a.add_argument("-o", "--output", default="datadream.yaml", help="YAML path (default datadream.yaml)")
     cluster_args(a)
+    pipeline_arg(a)
     params_arg(a)
 
     a = actions.add_parser("run", help="run the pipeline (--local: kfp.local SubprocessRunner, tiny preset)")
     a.add_argument("--local", action="store_true", required=True, help="run on this machine")
     a.add_argument("--root", default="pipeline-runs", help="local pipeline root (default pipeline-runs)")
+    pipeline_arg(a)
     params_arg(a)
 
     a = actions.add_parser("upload", help="upload the pipeline and a new version named from version + git sha")
     server_args(a)
-    a.add_argument("--name", default="datadream", help="pipeline name in the UI (default datadream)")
+    a.add_argument("--name", help="pipeline name in the UI (default: the --pipeline name)")
 
     a = actions.add_parser("submit", help="start one run")
     server_args(a)
@@ -147,6 +154,10 @@ def _pipeline_parser(sub) -> None:
 
 LOCAL_DEFAULTS = {"dataset": "demo", "preset": "tiny", "shots": 4, "images_per_class": 12, "sd_model": "tiny",
                   "clip_model": "tiny", "clip_pretrained": "", "train_on": ["synthetic", "synthetic+real"]}
+
+
+# A campaign on one machine: a few trials on two kfp.local worker processes, then a run with the best.
+LOCAL_TUNE_DEFAULTS = {"trials": 4, "workers": 2, "train_on": ["synthetic+real"]}
 
 
 def _cluster_settings(args):
@@ -176,7 +187,7 @@ def _package(args, workdir) -> str:
         if not Path(args.package).is_file():
             raise UserError(f"--package {args.package}: file not found")
         return args.package
-    return str(compile_pipeline(Path(workdir) / "datadream.yaml", _cluster_settings(args)))
+    return str(compile_pipeline(Path(workdir) / f"{args.pipeline}.yaml", _cluster_settings(args), name=args.pipeline))
 
 
 def run_pipeline_command(args) -> None:
@@ -188,16 +199,17 @@ def run_pipeline_command(args) -> None:
     from pipelines.pipeline import compile_pipeline, run_local
 
     if args.action == "compile":
-        out = compile_pipeline(args.output, _cluster_settings(args))
+        out = compile_pipeline(args.output, _cluster_settings(args), name=args.pipeline)
         if args.param:  # validate against the compiled signature, then bake the defaults in
             params = kfp_client.parse_params(args.param, out)
-            compile_pipeline(args.output, _cluster_settings(args), parameters=params)
+            compile_pipeline(args.output, _cluster_settings(args), parameters=params, name=args.pipeline)
         sys.stdout.write(f"{args.output}\n")
         return
     if args.action == "run":
         with tempfile.TemporaryDirectory() as tmp:
-            params = kfp_client.parse_params(args.param, compile_pipeline(Path(tmp) / "p.yaml"))
-        run_dir = run_local(args.root, {**LOCAL_DEFAULTS, **params})
+            params = kfp_client.parse_params(args.param, compile_pipeline(Path(tmp) / "p.yaml", name=args.pipeline))
+        defaults = LOCAL_DEFAULTS if args.pipeline == "datadream" else {**LOCAL_DEFAULTS, **LOCAL_TUNE_DEFAULTS}
+        run_dir = run_local(args.root, {**defaults, **params}, name=args.pipeline)
         sys.stdout.write(f"{run_dir}\n")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,7 +220,7 @@ def run_pipeline_command(args) -> None:
         client = kfp_client.connect(args.host, token=args.token, namespace=args.namespace)
         if args.action == "upload":
             version = kfp_client.version_name(__version__, git_sha(Path(__file__).parent))
-            ids = kfp_client.upload(client, package, args.name, version)
+            ids = kfp_client.upload(client, package, args.name or args.pipeline, version)
             sys.stdout.write(f"pipeline {ids[0]} version {ids[1]} ({version})\n")
         elif args.action == "submit":
             run_id = kfp_client.submit(client, package, params, args.experiment, args.run_name)

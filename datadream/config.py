@@ -283,10 +283,10 @@ class Config(Section):
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -337,9 +337,9 @@ def layered_overrides(files: list[str | Path] = (), overrides: list[str] = ()) -
     """--config files then --set overrides merged into one mapping (for passing on as YAML text)."""
     data: dict = {}
     for f in files:
-        data = _deep_merge(data, _read_yaml(Path(f)))
+        data = deep_merge(data, _read_yaml(Path(f)))
     for o in overrides:
-        data = _deep_merge(data, parse_override(o))
+        data = deep_merge(data, parse_override(o))
     return data
 
 
@@ -376,7 +376,7 @@ def load_config(
     data: dict = {}
     config = Config()
     for source, layer in layers:
-        data = _deep_merge(data, layer)
+        data = deep_merge(data, layer)
         try:
             config = Config.model_validate(data)
         except ValidationError as e:

@@ -37,9 +37,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from datadream.config import SEARCHABLE, Config, _deep_merge
+from datadream.config import SEARCHABLE, Config, deep_merge
 from datadream.errors import UserError
-from datadream.io import atomic_write_text, sha256_json
+from datadream.io import atomic_write_text, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,23 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 # --- storage -----------------------------------------------------------------------------------------------
+
+
+def storage_from(parameter: str) -> str:
+    """A pipeline's `storage` parameter, else $OPTUNA_STORAGE (the datadream-secrets Secret). A password
+    in the parameter is refused: parameters are shown in the Kubeflow UI and stored with the run."""
+    from datadream.tracking import redact
+
+    url = (parameter or "").strip()
+    if url:
+        if redact(url) != url:
+            raise UserError(f"storage {redact(url)!r}: holds a password; put the URL in the datadream-secrets "
+                            "Secret as OPTUNA_STORAGE and leave the parameter empty")
+        return url
+    url = os.environ.get("OPTUNA_STORAGE", "").strip()
+    if not url:
+        raise UserError("storage: empty parameter and no $OPTUNA_STORAGE (the datadream-secrets Secret)")
+    return url
 
 
 def check_study_name(name: str) -> str:
@@ -162,7 +179,7 @@ def _dotted(overrides: dict[str, Any]) -> dict:
     out: dict = {}
     for key, value in overrides.items():
         section, name = key.split(".", 1)
-        out = _deep_merge(out, {section: {name: value}})
+        out = deep_merge(out, {section: {name: value}})
     return out
 
 
@@ -171,8 +188,8 @@ def trial_config(config: Config, params: dict[str, Any], fidelity: bool = True) 
     LoRA alpha along (alpha/rank, the LoRA scale, stays the config's)."""
     data = config.to_dict()
     if fidelity:
-        data = _deep_merge(data, _dotted(config.tune.fidelity))
-    data = _deep_merge(data, _dotted(params))
+        data = deep_merge(data, _dotted(config.tune.fidelity))
+    data = deep_merge(data, _dotted(params))
     for section in ("adapt", "classify"):
         if f"{section}.rank" in params:
             old = getattr(config, section)
@@ -298,7 +315,9 @@ class Campaign:
         """Work folders keyed by the settings each stage depends on: trials that differ only in CLIP
         settings share the SD adapters and images, and a retried trial resumes its own checkpoints."""
         d = cfg.to_dict()
-        sd = {k: d[k] for k in ("run", "data", "models", "fewshot", "adapt")}
+        fewshot_set = {"path": str(self.fewshot_dir.resolve()),
+                       "marker": sha256_file(self.fewshot_dir / "fewshot.json")}
+        sd = {"fewshot_set": fewshot_set, **{k: d[k] for k in ("run", "data", "models", "fewshot", "adapt")}}
         images = {**sd, "generate": d["generate"]}
         return {"adapters": self.work / "adapters" / sha256_json(sd)[:16],
                 "synthetic": self.work / "synthetic" / sha256_json(images)[:16],

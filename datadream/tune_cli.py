@@ -107,6 +107,9 @@ def _run(args, load) -> None:
         from datadream import tracking
 
         tracking.check_tracking()
+        # Create the store and experiment now: workers starting at once on a fresh SQLite store would race
+        # to create its tables.
+        tracking.get_or_create_experiment(experiment)
     work = Path(args.work or Path("tune-runs") / args.study)
     dataset = args.dataset
     if dataset == "demo":

@@ -45,7 +45,8 @@ class ClusterSettings:
     config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                                         "DATADREAM_CACHE", "HF_HOME")
     secret: str = "datadream-secrets"
-    secret_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
+    secret_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
+                                    "OPTUNA_STORAGE")
     extra: dict = field(default_factory=dict)
 
 
@@ -180,19 +181,33 @@ def build_pipeline(settings: ClusterSettings | None = None):
     return datadream
 
 
+PIPELINES = ("datadream", "datadream-tune")
+
+
+def pipeline_function(name: str = PIPELINE_NAME, settings: ClusterSettings | None = None):
+    """The pipeline called `name`: "datadream" (a run) or "datadream-tune" (a search campaign)."""
+    if name == PIPELINE_NAME:
+        return build_pipeline(settings)
+    if name == "datadream-tune":
+        from pipelines.tune_pipeline import build_tune_pipeline
+
+        return build_tune_pipeline(settings)
+    raise UserError(f"--pipeline {name!r}: expected one of {', '.join(PIPELINES)}")
+
+
 def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings | None = None,
-                     parameters: dict | None = None) -> Path:
+                     parameters: dict | None = None, name: str = PIPELINE_NAME) -> Path:
     """Compile to YAML; the same inputs give byte-identical output."""
     from kfp import compiler
 
     package_path = Path(package_path)
     package_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(settings), str(package_path), pipeline_parameters=parameters)
-    log.info("compiled %s -> %s", PIPELINE_NAME, package_path)
+    compiler.Compiler().compile(pipeline_function(name, settings), str(package_path), pipeline_parameters=parameters)
+    log.info("compiled %s -> %s", name, package_path)
     return package_path
 
 
-def run_local(root: str | os.PathLike, arguments: dict) -> Path:
+def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAME) -> Path:
     """Run the pipeline with kfp.local's SubprocessRunner in this environment; returns the run folder."""
     from kfp import local
 
@@ -203,9 +218,11 @@ def run_local(root: str | os.PathLike, arguments: dict) -> Path:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # The embedded MLflow default: a SQLite store beside the runs (mlflow ui --backend-store-uri …).
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    # … and for search campaigns an Optuna study in SQLite beside them (the Secret's OPTUNA_STORAGE on a cluster).
+    os.environ.setdefault("OPTUNA_STORAGE", f"sqlite:///{root / 'optuna.db'}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir())
-    pipeline = build_pipeline()
+    pipeline = pipeline_function(name)
     # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr.
     # kfp.local swaps builtins.print for an indenting one around each task and puts back what it saw;
     # with tasks running in parallel threads the swaps interleave and an indenting print can stay
