@@ -476,7 +476,7 @@ def tune_prepare(
 
     import yaml
 
-    from datadream import tune
+    from datadream import tuning
     from datadream.config import deep_merge, layered_overrides, load_config
     from datadream.stages import fewshot as stage
 
@@ -487,8 +487,8 @@ def tune_prepare(
         from datadream.errors import UserError
 
         raise UserError(f"workers {workers}: expected at least 1")
-    url = tune.storage_from(storage)
-    tune.create_study(study, url, cfg)
+    url = tuning.storage_from(storage)
+    tuning.create_study(study, url, cfg)
     if register_name:
         from datadream import tracking
 
@@ -534,14 +534,14 @@ def tune_worker(
     import tempfile
     from pathlib import Path
 
-    from datadream import tune
+    from datadream import tuning
     from datadream.config import load_config
 
     cfg = load_config(preset, text=run_config)
-    url = tune.storage_from(storage)
-    s = tune.create_study(study, url, cfg)
+    url = tuning.storage_from(storage)
+    s = tuning.create_study(study, url, cfg)
     work = Path(os.environ.get("DATADREAM_WORK") or tempfile.gettempdir()) / "datadream-tune" / study
-    campaign = tune.Campaign(s, cfg, fewshot_set.path, work, f"{register_name}-tune" if register_name else None)
+    campaign = tuning.Campaign(s, cfg, fewshot_set.path, work, f"{register_name}-tune" if register_name else None)
     campaign.open_tracking(url)
     ran = campaign.optimize(trials)
     campaign.tag_best()
@@ -574,12 +574,12 @@ def tune_best(
 
     import yaml
 
-    from datadream import tune
+    from datadream import tuning
     from datadream.config import deep_merge, load_config
 
     cfg = load_config(preset, text=run_config)
-    s = tune.load_study(study, tune.storage_from(storage), cfg)
-    path = tune.write_best(s, cfg, Path(best.path))
+    s = tuning.load_study(study, tuning.storage_from(storage), cfg)
+    path = tuning.write_best(s, cfg, Path(best.path))
     best.metadata.update({"study": study, "trial": s.best_trial.number, "val_top1": s.best_value})
     merged = deep_merge(yaml.safe_load(run_config) or {}, yaml.safe_load(path.read_text()))
     outputs = namedtuple("TuneBestOutputs", ["config", "best_value", "best_trial"])

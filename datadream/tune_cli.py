@@ -63,7 +63,7 @@ def add_parser(subparsers, config_args) -> argparse.ArgumentParser:
 
 
 def run(args, load) -> None:
-    from datadream import tune
+    from datadream import tuning
 
     if not args.storage:
         raise UserError("--storage: required (or set $OPTUNA_STORAGE), e.g. sqlite:///tune.db")
@@ -71,17 +71,17 @@ def run(args, load) -> None:
         _run(args, load)
     elif args.tune_command == "best":
         config = load(args)
-        study = tune.load_study(args.study, args.storage, config)
-        path = tune.write_best(study, config, args.output)
+        study = tuning.load_study(args.study, args.storage, config)
+        path = tuning.write_best(study, config, args.output)
         sys.stdout.write(f"{path}\n")
     elif args.tune_command == "report":
-        study = tune.load_study(args.study, args.storage)
-        rows = tune.trials_table(study)
-        imp = tune.importances(study)
+        study = tuning.load_study(args.study, args.storage)
+        rows = tuning.trials_table(study)
+        imp = tuning.importances(study)
         if args.plot:
             if not any(r["state"] == "COMPLETE" for r in rows):
                 raise UserError(f"study {args.study!r}: no completed trial yet; nothing to plot")
-            tune.plot_history(study, args.plot)
+            tuning.plot_history(study, args.plot)
         if args.json:
             sys.stdout.write(json.dumps({"trials": rows, "importances": imp}, default=str, indent=2) + "\n")
         else:
@@ -92,16 +92,16 @@ def run(args, load) -> None:
 
 
 def _run(args, load) -> None:
-    from datadream import tune
+    from datadream import tuning
     from datadream.stages import fewshot
 
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: expected at least 1")
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected at least 1")
-    tune.check_study_name(args.study)
+    tuning.check_study_name(args.study)
     config = load(args)
-    tune.open_storage(args.storage, config)  # fail fast, before any work
+    tuning.open_storage(args.storage, config)  # fail fast, before any work
     experiment = "datadream-tune" if args.experiment is None else args.experiment
     if experiment:
         from datadream import tracking
@@ -117,30 +117,30 @@ def _run(args, load) -> None:
 
         dataset = make_demo_dataset(work / "dataset", seed=0)
     fewshot_dir = fewshot.run(config, dataset, work / "fewshot")  # a no-op when it exists
-    study = tune.create_study(args.study, args.storage, config)
+    study = tuning.create_study(args.study, args.storage, config)
     if args.workers > 1:
         argv = ["tune", "run", "--study", args.study, "--trials", str(args.trials), "--dataset", str(dataset),
                 "--work", str(work), "--experiment", experiment, "--preset", args.preset,
                 *(x for f in args.config for x in ("--config", f)), *(x for o in args.overrides for x in ("--set", o))]
         if args.quiet:
             argv.insert(0, "-q")
-        status = tune.run_workers(argv, args.workers, env={"OPTUNA_STORAGE": args.storage})
+        status = tuning.run_workers(argv, args.workers, env={"OPTUNA_STORAGE": args.storage})
         if status:
             raise UserError(f"tune run: a worker exited with status {status}; re-run the command to resume")
     else:
-        campaign = tune.Campaign(study, config, fewshot_dir, work, experiment)
+        campaign = tuning.Campaign(study, config, fewshot_dir, work, experiment)
         campaign.open_tracking(args.storage)
         ran = campaign.optimize(args.trials)
         campaign.tag_best()
         log.info("tune: this worker ran %d trial(s)", ran)
-    study = tune.load_study(args.study, args.storage, config)
+    study = tuning.load_study(args.study, args.storage, config)
     try:
         best = study.best_trial
-        sys.stdout.write(json.dumps({"study": args.study, "finished": tune.finished(study),
+        sys.stdout.write(json.dumps({"study": args.study, "finished": tuning.finished(study),
                                      "best_trial": best.number, "best_value": best.value,
                                      "best_params": best.params}) + "\n")
     except ValueError:
-        sys.stdout.write(json.dumps({"study": args.study, "finished": tune.finished(study), "best_trial": None})
+        sys.stdout.write(json.dumps({"study": args.study, "finished": tuning.finished(study), "best_trial": None})
                          + "\n")
 
 

@@ -1,4 +1,4 @@
-"""Optuna search campaigns: search space, storage (SQLite, journal, real PostgreSQL), workers, MLflow."""
+"""Optuna search campaigns (datadream.tuning): search space, storage (SQLite, journal, Postgres), workers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from servers import postgres_db
 
-from datadream import tune
+from datadream import tuning
 from datadream.cli import main
 from datadream.config import load_config
 
@@ -69,13 +69,13 @@ def test_unreachable_storage_and_bad_names_are_one_line(capsys, tmp_path):
 
 def test_trial_settings_carry_alpha_and_fidelity(tiny):
     config = tiny()
-    cfg = tune.trial_config(config, {"adapt.rank": 16, "classify.lr": 1e-3})
+    cfg = tuning.trial_config(config, {"adapt.rank": 16, "classify.lr": 1e-3})
     assert cfg.adapt.rank == 16 and cfg.adapt.alpha == config.adapt.alpha / config.adapt.rank * 16
     assert cfg.classify.lr == 1e-3
     assert cfg.generate.images_per_class == config.tune.fidelity["generate.images_per_class"]
-    best = tune.best_overrides(config, {"adapt.rank": 16, "adapt.lr": 2e-4})
+    best = tuning.best_overrides(config, {"adapt.rank": 16, "adapt.lr": 2e-4})
     assert best == {"adapt": {"rank": 16, "alpha": 16.0, "lr": 2e-4}}
-    assert tune.baseline_params(config) == {"adapt.rank": config.adapt.rank, "adapt.lr": config.adapt.lr}
+    assert tuning.baseline_params(config) == {"adapt.rank": config.adapt.rank, "adapt.lr": config.adapt.lr}
 
 
 # --- one machine: SQLite and journal ---------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_two_workers_share_a_postgres_study(capsys, tmp_path, mlflow_pg_s3, monk
             run = client.get_run(run_id)
             assert run.info.status == "FINISHED" and run.data.tags["optuna.study"] == "pg"
         cfg = load_config("tiny")
-        path = tune.write_best(optuna.load_study(study_name="pg", storage=storage), cfg, tmp_path / "best.yaml")
+        path = tuning.write_best(optuna.load_study(study_name="pg", storage=storage), cfg, tmp_path / "best.yaml")
         assert set(load_config("tiny", [path]).adapt.model_dump()) >= {"rank", "lr"}
 
 
@@ -227,6 +227,6 @@ def test_storage_password_stays_out_of_worker_command_lines(monkeypatch):
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    assert tune.run_workers(["tune", "run", "--study", "s"], 1, env={"OPTUNA_STORAGE": "postgresql://u:pw@db/x"}) == 0
+    assert tuning.run_workers(["tune", "run", "--study", "s"], 1, env={"OPTUNA_STORAGE": "postgresql://u:pw@db/x"}) == 0
     assert "pw" not in " ".join(seen["cmd"]) and seen["env"]["OPTUNA_STORAGE"].endswith("@db/x")
     assert os.environ.get("OPTUNA_STORAGE") is None

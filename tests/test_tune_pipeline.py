@@ -40,16 +40,16 @@ def test_workers_on_gpus_and_the_best_run_nested(ir):
 
 
 def test_a_password_in_the_storage_parameter_is_refused(monkeypatch):
-    from datadream import tune
+    from datadream import tuning
     from datadream.errors import UserError
 
     with pytest.raises(UserError, match="holds a password; put the URL in the datadream-secrets Secret"):
-        tune.storage_from("postgresql://optuna:hunter2@db/optuna")
+        tuning.storage_from("postgresql://optuna:hunter2@db/optuna")
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     with pytest.raises(UserError, match="no \\$OPTUNA_STORAGE"):
-        tune.storage_from("")
+        tuning.storage_from("")
     monkeypatch.setenv("OPTUNA_STORAGE", "postgresql://optuna:hunter2@db/optuna")
-    assert tune.storage_from("") == "postgresql://optuna:hunter2@db/optuna"
+    assert tuning.storage_from("") == "postgresql://optuna:hunter2@db/optuna"
 
 
 @pytest.mark.slow
