@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="make the demo dataset and run the pipeline on the tiny preset, both modes")
-    p.add_argument("--out", default="demo-run", help="folder for the dataset and all artifacts (default demo-run)")
+    p.add_argument("--out", default="demo-run",
+                   help="folder or s3:// prefix for all artifacts (default demo-run); an s3:// run is built in a "
+                   "local staging folder and published with results.json last")
+    p.add_argument("--dataset", help="an ImageFolder (folder or s3:// prefix) instead of the procedural demo dataset")
     p.add_argument("--in-process", action="store_true",
                    help="call the stages directly instead of running the pipeline under kfp.local")
     _config_args(p, default_preset="tiny")
@@ -267,14 +270,19 @@ def run_command(args) -> None:
         log.info("demo dataset -> %s", path)
         return
     if cmd == "demo":
+        from datadream import storage
         from datadream.demo import format_table, run_demo
 
-        if args.in_process:
-            results = run_demo(_load(args), args.out)
-        else:
-            from pipelines.local_demo import run_demo as run_pipeline_demo
+        with storage.output_dir(args.out, marker="results.json") as out:
+            if args.in_process:
+                results = run_demo(_load(args), out, dataset=args.dataset)
+            else:
+                from pipelines.local_demo import run_demo as run_pipeline_demo
 
-            results = run_pipeline_demo(_load(args), args.out, args.preset, args.config, args.overrides)
+                results = run_pipeline_demo(_load(args), out, args.preset, args.config, args.overrides,
+                                            dataset=args.dataset)
+        if storage.is_s3(args.out):
+            results["published"] = str(args.out)
         sys.stdout.write(format_table(results) + "\n")
         return
     if cmd == "pipeline":
@@ -290,32 +298,43 @@ def run_command(args) -> None:
 
         tune_cli.run(args, _load)
         return
+    # Every folder argument may be s3://bucket/prefix: inputs are mirrored into the cache (ETag-checked),
+    # outputs are built in a local staging folder and published with their marker file last.
+    from datadream import storage
+
     if cmd == "fewshot":
         from datadream.stages import fewshot
 
         extra = [f"fewshot.shots={args.shots}"] if args.shots is not None else []
         extra += [f"fewshot.seed={args.seed}"] if args.seed is not None else []
-        fewshot.run(_load(args, extra), args.dataset, args.out)
+        with storage.output_dir(args.out, marker=fewshot.MARKER) as out:
+            fewshot.run(_load(args, extra), args.dataset, out)
     elif cmd == "adapt":
         from datadream.stages import adapt
 
-        adapt.run(_load(args, [f"adapt.mode={args.mode}"] if args.mode else []), args.fewshot, args.out, args.shard)
+        config = _load(args, [f"adapt.mode={args.mode}"] if args.mode else [])
+        with storage.output_dir(args.out, marker=adapt.MARKER) as out:
+            adapt.run(config, storage.localize(args.fewshot), out, args.shard)
     elif cmd == "generate":
         from datadream.stages import generate
 
-        generate.run(_load(args), args.fewshot, args.adapters, args.out, args.shard)
+        with storage.output_dir(args.out, marker=generate.MARKER) as out:
+            generate.run(_load(args), storage.localize(args.fewshot), storage.localize(args.adapters), out, args.shard)
     elif cmd == "classify":
         from datadream.stages import classify
 
         config = _load(args, [f"classify.train_on={args.train_on}"] if args.train_on else [])
-        classify.run(config, args.fewshot, args.synthetic, args.out)
+        synthetic = storage.localize(args.synthetic) if args.synthetic else None
+        with storage.output_dir(args.out, marker=classify.MARKER) as out:
+            classify.run(config, storage.localize(args.fewshot), synthetic, out)
     elif cmd == "evaluate":
         import json
-        from pathlib import Path
 
         from datadream.stages import evaluate
 
-        metrics = evaluate.run(_load(args), args.classifier, Path(args.fewshot) / f"{args.split}.jsonl", args.out)
+        manifest = storage.localize(args.fewshot) / f"{args.split}.jsonl"
+        with storage.output_dir(args.out, marker=evaluate.METRICS) as out:
+            metrics = evaluate.run(_load(args), storage.localize(args.classifier), manifest, out)
         sys.stdout.write(json.dumps({k: metrics[k] for k in ("top1", "top5", "n")}) + "\n")
     log.info("%s: done -> %s", cmd, args.out)
 

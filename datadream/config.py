@@ -59,16 +59,18 @@ class DataConfig(Section):
 class ModelsConfig(Section):
     sd: str = Field(
         "stabilityai/stable-diffusion-2-1-base",
-        description="Stable Diffusion: a Hugging Face id, a local diffusers folder, 'tiny' (CPU preset) or "
+        description="Stable Diffusion: a Hugging Face id, a diffusers folder (local or s3://), 'tiny' (CPU preset) or "
         "'sd21-base-random' (SD 2.1 base architecture at random init, for benchmarks) (REFERENCE.md, Stage 1).",
     )
     sd_revision: str | None = Field(None, description="Pinned revision (commit sha) of the SD model on the Hub.")
     clip: str = Field(
         "ViT-B-16",
-        description="open_clip model name, 'local-dir:<folder>', or 'tiny' (REFERENCE.md, Stage 3: ViT-B/16).",
+        description="open_clip model name, 'local-dir:<folder or s3://…>', or 'tiny' (REFERENCE.md, Stage 3: "
+        "ViT-B/16).",
     )
     clip_pretrained: str | None = Field(
-        "openai", description="open_clip pretrained tag or a local weights file (REFERENCE.md, Stage 3: openai)."
+        "openai", description="open_clip pretrained tag or a weights file, local or s3:// (REFERENCE.md, Stage 3: "
+        "openai)."
     )
     cache_dir: str | None = Field(
         None, description="Where built or downloaded models are cached (default ~/.cache/datadream)."

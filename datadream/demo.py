@@ -17,7 +17,7 @@ from datadream.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def run_demo(config: Config, out: str | Path) -> dict:
+def run_demo(config: Config, out: str | Path, dataset: str | None = None) -> dict:
     from datadream.data.demo import make_demo_dataset
     from datadream.stages import adapt, classify, evaluate, fewshot, generate
 
@@ -31,7 +31,8 @@ def run_demo(config: Config, out: str | Path) -> dict:
         timings[name] = round(time.perf_counter() - t, 2)
         return result
 
-    dataset = timed("dataset", make_demo_dataset, out / "dataset", config.run.seed)
+    if dataset is None:  # else an ImageFolder, local or s3:// (fewshot mirrors it)
+        dataset = timed("dataset", make_demo_dataset, out / "dataset", config.run.seed)
     fs = timed("fewshot", fewshot.run, config, dataset, out / "fewshot")
     test = fs / "test.jsonl"
     rows = []
@@ -64,13 +65,14 @@ def run_demo(config: Config, out: str | Path) -> dict:
 
 
 def format_table(results: dict) -> str:
+    where = results.get("published") or results["out"]  # an s3:// --out: where the run was published
     lines = [
-        f"DataDream demo — tiny models on CPU; artifacts under {results['out']}",
+        f"DataDream demo — tiny models on CPU; artifacts under {where}",
         "",
         f"{'training data':<32} {'top-1':>7} {'top-5':>7}  test images",
         f"{'-' * 32} {'-' * 7} {'-' * 7}  {'-' * 11}",
     ]
     for r in results["rows"]:
         lines.append(f"{r['setting']:<32} {100 * r['top1']:>6.1f}% {100 * r['top5']:>6.1f}%  {r['n']}")
-    lines += ["", f"wall time {results['wall_s']} s; paths, reports and timings in {results['out']}/results.json"]
+    lines += ["", f"wall time {results['wall_s']} s; paths, reports and timings in {where}/results.json"]
     return "\n".join(lines)

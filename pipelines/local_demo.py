@@ -39,13 +39,15 @@ def overrides_to_yaml(files: list[str], overrides: list[str]) -> str:
     return yaml.safe_dump(data, sort_keys=True) if data else ""
 
 
-def run_demo(config: Config, out: str | Path, preset: str, files: list[str], overrides: list[str]) -> dict:
+def run_demo(config: Config, out: str | Path, preset: str, files: list[str], overrides: list[str],
+             dataset: str | None = None) -> dict:
     from datadream.data.demo import make_demo_dataset
     from pipelines.pipeline import run_local
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    dataset = make_demo_dataset(out / "dataset", seed=config.run.seed)
+    if dataset is None:  # else an ImageFolder, local or s3:// (the fewshot step mirrors it)
+        dataset = make_demo_dataset(out / "dataset", seed=config.run.seed)
     text = overrides_to_yaml(files, overrides)
     runs = []
     for mode, train_on in (("class", ["zero-shot", "real", "synthetic", "synthetic+real"]),

@@ -216,10 +216,13 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     # kfp.local runs ParallelFor iterations as concurrent processes; with torch's default of one thread
     # per core each, they oversubscribe the CPU many times over. One thread per task process instead.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # The embedded MLflow default: a SQLite store beside the runs (mlflow ui --backend-store-uri …).
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    # … and for search campaigns an Optuna study in SQLite beside them (the Secret's OPTUNA_STORAGE on a cluster).
-    os.environ.setdefault("OPTUNA_STORAGE", f"sqlite:///{root / 'optuna.db'}")
+    # The embedded MLflow default: a SQLite store beside the runs (mlflow ui --backend-store-uri …), and
+    # for search campaigns an Optuna study beside them (the Secret's OPTUNA_STORAGE on a cluster). The
+    # tasks inherit this process's environment; it is put back afterwards.
+    defaults = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                "OPTUNA_STORAGE": f"sqlite:///{root / 'optuna.db'}"}
+    added = [k for k in defaults if not os.environ.get(k)]
+    os.environ.update({k: defaults[k] for k in added})
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir())
     pipeline = pipeline_function(name)
@@ -239,6 +242,8 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
         raise UserError(f"pipeline arguments: {e}") from None
     finally:
         builtins.print = saved_print
+        for k in added:
+            os.environ.pop(k, None)
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")

@@ -9,7 +9,8 @@ import pytest
 
 from datadream.cli import build_parser, main
 
-COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate", "pipeline", "registry"]
+COMMANDS = ["demo", "demo-dataset", "fewshot", "adapt", "generate", "classify", "evaluate", "pipeline", "registry",
+            "tune"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -19,7 +20,7 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: datadream" in out
-    if command not in (None, "demo-dataset", "pipeline", "registry"):
+    if command not in (None, "demo-dataset", "pipeline", "registry", "tune"):
         assert "--set SECTION.KEY=VALUE" in out and "--preset" in out
 
 

@@ -27,6 +27,15 @@ CLIP_SEARCH = ["--set", "tune.search=[classify.rank, classify.lr]",
                "--set", "tune.startup_trials=10"]
 
 
+@pytest.fixture(autouse=True)
+def restore_tracking_uri():
+    """`tune run` in this process sets MLflow's tracking URI; later tests must not inherit it."""
+    import mlflow
+
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main(["-q", *argv])
     out, err = capsys.readouterr()

@@ -1,5 +1,6 @@
 """The `datadream-tune` pipeline: its compiled IR and a kfp.local run with two workers on tiny."""
 
+import os
 from pathlib import Path
 
 import optuna
@@ -67,7 +68,7 @@ def test_local_campaign_with_two_workers_then_the_best_run(tmp_path, capsys, mon
     best = yaml.safe_load(next(run.glob("**/tune-best/best")).read_text())
     assert best["adapt"]["rank"] == study.best_params["adapt.rank"]
     # The run with the best settings went through the gate: first version, so champion.
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the store the kfp.local tasks used
     champion = client.get_model_version_by_alias("tl-classifier", "champion")
     parent = client.get_run(champion.tags["mlflow_run_id"])
     assert parent.data.params["adapt.rank"] == str(study.best_params["adapt.rank"])

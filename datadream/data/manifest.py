@@ -44,16 +44,24 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, base: Path) -> dict:
-        p = Path(self.path)
-        try:
-            stored = p.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            stored = str(p)
+        if is_remote(self.path):
+            stored = self.path  # an object in a dataset on S3: the reader localizes it (storage.localize_records)
+        else:
+            p = Path(self.path)
+            try:
+                stored = p.resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                stored = str(p)
         return {"path": stored, "label": self.label, "class": self.cls, "sha256": self.sha256,
                 "is_real": self.is_real, **self.extra}
 
 
 _REQUIRED = ("path", "label", "class", "sha256", "is_real")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for an object URI (s3://bucket/key) rather than a file path."""
+    return str(path).startswith("s3://")
 
 
 def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
@@ -78,9 +86,9 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
         missing = [k for k in _REQUIRED if k not in row]
         if missing:
             raise UserError(f"{path}:{n}: missing key(s) {', '.join(missing)}")
-        p = Path(row.pop("path"))
-        if not p.is_absolute():
-            p = path.parent / p
+        p = row.pop("path")
+        if not is_remote(p) and not Path(p).is_absolute():
+            p = str(path.parent / p)
         records.append(Record(str(p), int(row.pop("label")), row.pop("class"), row.pop("sha256"),
                               bool(row.pop("is_real")), row))
     return records

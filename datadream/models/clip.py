@@ -86,7 +86,12 @@ def _resolve(models: ModelsConfig) -> tuple[str, str | None]:
     if spec == "tiny":
         return LOCAL_DIR + str(build_tiny_clip(tiny_clip_dir(models))), None
     if spec.startswith(LOCAL_DIR):
-        folder = Path(spec[len(LOCAL_DIR):]).expanduser()
+        folder = spec[len(LOCAL_DIR):]
+        if folder.startswith("s3://"):  # an open_clip folder on S3, mirrored into the cache (ETag-checked)
+            from datadream import storage
+
+            folder = storage.localize(folder)
+        folder = Path(folder).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise UserError(f"models.clip={spec!r}: no open_clip_config.json in folder {folder}")
         return LOCAL_DIR + str(folder), None
@@ -101,6 +106,11 @@ def _resolve(models: ModelsConfig) -> tuple[str, str | None]:
         return spec, None
     if pretrained in open_clip.list_pretrained_tags_by_model(spec):
         return spec, pretrained
+    if pretrained.startswith("s3://"):  # a weights file on S3: its folder is mirrored, the file used
+        from datadream import storage
+
+        parent, _, name = pretrained.rpartition("/")
+        pretrained = str(storage.localize(parent) / name)
     path = Path(pretrained).expanduser()
     if path.is_file():
         return spec, str(path)  # open_clip reads .safetensors directly, anything else with weights_only=True

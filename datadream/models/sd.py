@@ -181,8 +181,10 @@ def resolve_sd(models: ModelsConfig) -> str:
     if spec in RANDOM_ARCHS:
         arch = RANDOM_ARCHS[spec]
         return str(build_random_sd(cache_root(models) / f"{spec}-sd-{sha256_json(arch)[:12]}", arch))
-    if spec.startswith("s3://"):
-        raise UserError(f"models.sd={spec!r}: s3:// model folders are not supported yet")
+    if spec.startswith("s3://"):  # a diffusers folder on S3, mirrored into the cache (ETag-checked)
+        from datadream import storage
+
+        spec = str(storage.localize(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():

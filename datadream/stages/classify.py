@@ -40,6 +40,7 @@ from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
 from datadream.data.images import ImageRejected, load_rgb
 from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest
+from datadream.data.remote import localize_records
 from datadream.errors import UserError
 from datadream.io import (
     atomic_write_bytes,
@@ -71,7 +72,7 @@ def read_records(path: Path, classes: list[ClassInfo], is_real: bool | None) -> 
             raise UserError(f"{path}: record {n} has label {r.label} / class {r.cls!r}, not in classes.json")
         if is_real is not None and r.is_real != is_real:
             raise UserError(f"{path}: record {n} has is_real={r.is_real}; expected {is_real} here")
-    return records
+    return localize_records(records)  # images of a dataset on S3 (val/test) come from the local cache
 
 
 def training_set(train_on: str, real: list[Record], synthetic: list[Record]) -> tuple[list[Record], int]:

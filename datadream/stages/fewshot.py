@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from datadream import storage
 from datadream.config import Config
 from datadream.data.imagefolder import DatasetIndex, scan_imagefolder
 from datadream.data.images import ImageRejected, RejectionCounts, verify_image
@@ -63,7 +64,17 @@ def run(config: Config, dataset: str | os.PathLike, out: str | os.PathLike) -> P
     out = Path(out)
     shots, seed = config.fewshot.shots, config.fewshot.seed
     max_px = config.data.max_image_pixels
+    remote = None
+    if storage.is_s3(dataset):  # mirrored into the cache (ETag-checked: a second run downloads nothing)
+        remote, dataset = str(dataset).rstrip("/"), storage.localize(dataset)
     index = scan_imagefolder(dataset, config.data)
+    root = index.root.resolve()
+
+    def source(path: Path) -> str:
+        """Where an image lives for later stages: its s3:// URI for a dataset on S3, else its local path."""
+        path = path.resolve()
+        return f"{remote}/{path.relative_to(root).as_posix()}" if remote else str(path)
+
     fingerprint = _fingerprint(index, config)
     if check_output_dir(out, MARKER, fingerprint):
         log.info("fewshot: %s already holds this few-shot set; nothing to do", out)
@@ -110,7 +121,7 @@ def run(config: Config, dataset: str | os.PathLike, out: str | os.PathLike) -> P
                 rejected.append(err)
                 counts.add(err)
                 continue
-            records.append(Record(str(path.resolve()), c.index, c.slug, digest, True))
+            records.append(Record(source(path), c.index, c.slug, digest, True))
         eval_records[split] = records
     pool.shutdown()
 
@@ -122,14 +133,14 @@ def run(config: Config, dataset: str | os.PathLike, out: str | os.PathLike) -> P
                 dest = tmp / "train" / c.slug / path.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, dest)
-                train.append(Record(str(dest), c.index, c.slug, digest, True, {"source": str(path.resolve())}))
+                train.append(Record(str(dest), c.index, c.slug, digest, True, {"source": source(path)}))
         write_manifest(tmp / "train.jsonl", train)
         for split, records in eval_records.items():
             write_manifest(tmp / f"{split}.jsonl", records)
         atomic_write_jsonl(tmp / "rejected.jsonl", ({"path": str(e.path), "reason": e.reason} for e in rejected))
         summary = {
             "fingerprint": fingerprint,
-            "dataset": str(index.root.resolve()),
+            "dataset": remote or str(root),
             "shots": shots,
             "seed": seed,
             "classes": len(index.classes),
