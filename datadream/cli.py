@@ -108,6 +108,9 @@ def _pipeline_parser(sub) -> None:
         a.add_argument("--image", help="container image of every step (default $DATADREAM_IMAGE or the built one)")
         a.add_argument("--gpu-node-selector", metavar="KEY=VALUE", help="label of the GPU node group")
         a.add_argument("--gpu-taint", metavar="KEY:EFFECT", help="taint of the GPU node group to tolerate")
+        a.add_argument("--pipeline-root", metavar="URI",
+                       help="where steps write their artifacts, e.g. s3://bucket/pipeline-root (default: the "
+                       "cluster's, from the kfp-launcher ConfigMap)")
 
     def server_args(a):
         a.add_argument("--host", required=True, help="Kubeflow Pipelines API, e.g. http://localhost:8080")
@@ -177,6 +180,13 @@ def _cluster_settings(args):
         if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
             raise UserError(f"--gpu-taint {args.gpu_taint!r}: expected KEY:NoSchedule|PreferNoSchedule|NoExecute")
         kw["gpu_toleration"] = (key, effect)
+    if args.pipeline_root:
+        from datadream import storage
+
+        if not storage.is_s3(args.pipeline_root):
+            raise UserError(f"--pipeline-root {args.pipeline_root!r}: expected s3://bucket/prefix")
+        storage.parse_s3(args.pipeline_root)  # a valid bucket name and prefix
+        kw["pipeline_root"] = args.pipeline_root.rstrip("/")
     return ClusterSettings(**kw)
 
 

@@ -40,6 +40,9 @@ class ClusterSettings:
     cpu_cpu: str = "2"
     cpu_memory: str = "8Gi"
     retries: int = 2
+    # Where KFP writes the steps' artifacts, e.g. s3://bucket/pipeline-root; None = the cluster's default
+    # (the kfp-launcher ConfigMap's defaultPipelineRoot).
+    pipeline_root: str | None = None
     # Settings reach the tasks from the cluster, never as pipeline parameters (secrets least of all).
     config_map: str = "datadream-config"
     config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
@@ -110,6 +113,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
+        pipeline_root=s.pipeline_root,
         description="DataDream: LoRA-adapt Stable Diffusion to k shots per class, synthesize a training set, "
         "train a CLIP LoRA classifier on it and evaluate it on the real test split.",
     )

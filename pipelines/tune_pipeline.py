@@ -28,6 +28,7 @@ def build_tune_pipeline(settings: ClusterSettings | None = None):
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
+        pipeline_root=s.pipeline_root,
         description="DataDream search campaign: Optuna trials over SD and CLIP LoRA rank and learning rate on "
         "parallel GPU workers sharing one study, scored by val top-1; then optionally a full datadream run "
         "with the best settings, registered through the promotion gate.",

@@ -114,6 +114,15 @@ def test_compile_is_deterministic_and_takes_cluster_settings(tmp_path, ir):
     # Lightweight components: the image carries kfp, nothing is pip-installed at run time.
     command = " ".join(next(iter(docs[0]["deploymentSpec"]["executors"].values()))["container"]["command"])
     assert "pip install" not in command
+    assert "defaultPipelineRoot" not in docs[0]  # the cluster's default unless asked
+
+
+def test_cli_compile_with_an_s3_pipeline_root(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["-q", "pipeline", "compile", "-o", str(out), "--pipeline-root", "s3://dd-artifacts/kfp/"]) == 0
+    assert yaml.safe_load_all(out.read_text()).__next__()["defaultPipelineRoot"] == "s3://dd-artifacts/kfp"
+    assert main(["-q", "pipeline", "compile", "-o", str(out), "--pipeline-root", "/local/root"]) == 2
+    assert "--pipeline-root '/local/root': expected s3://bucket/prefix" in capsys.readouterr().err
 
 
 def test_cli_compile_bad_input(tmp_path, capsys):
