@@ -104,3 +104,21 @@ def test_demo_on_an_s3_dataset_publishes_to_s3(s3, moto_endpoint, demo_dataset, 
     keys = set(list_keys(moto_endpoint, s3, "demo-run/"))
     assert "demo-run/fewshot/fewshot.json" in keys and "demo-run/metrics/real/metrics.json" in keys
     assert not any(k.startswith("demo-run/dataset/") for k in keys)  # the dataset stays where it was
+
+
+def test_models_load_from_s3_folders(s3, moto_endpoint, tiny, tmp_path):
+    from datadream.models.clip import load_clip, tiny_clip_dir
+    from datadream.models.sd import load_sd_pipeline, resolve_sd
+
+    sd_local = Path(resolve_sd(tiny().models))  # the tiny SD, built into a folder like any mirrored model
+    _, _, preprocess = load_clip(tiny().models)
+    clip_local = tiny_clip_dir(tiny().models)
+    upload_tree(moto_endpoint, sd_local, s3, "models/sd")
+    upload_tree(moto_endpoint, clip_local, s3, "models/clip")
+
+    cfg = tiny(f"models.sd=s3://{s3}/models/sd", f"models.clip=local-dir:s3://{s3}/models/clip")
+    mirrored = Path(resolve_sd(cfg.models))
+    assert mirrored.is_relative_to(storage.cache_dir() / "s3" / s3) and (mirrored / "model_index.json").is_file()
+    pipe = load_sd_pipeline(cfg.models)
+    assert pipe.unet.config.sample_size == load_sd_pipeline(tiny().models).unet.config.sample_size
+    assert load_clip(cfg.models)[2] == preprocess
