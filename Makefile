@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint checkov
 $(BIN)/datadream: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -20,5 +20,14 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# checkov (tests/test_infra.py) pins libraries that clash with ours: it lives in its own venv.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/bin/checkov:
+	$(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
+
+checkov: $(CHECKOV_VENV)/bin/checkov
+
+test: install lint checkov
 	$(BIN)/pytest -q
