@@ -28,12 +28,13 @@ CLIP_SEARCH = ["--set", "tune.search=[classify.rank, classify.lr]",
 
 
 @pytest.fixture(autouse=True)
-def restore_tracking_uri():
-    """`tune run` in this process sets MLflow's tracking URI; later tests must not inherit it."""
+def restore_tracking_uri(monkeypatch):
+    """`tune run` in this process sets MLflow's tracking URI (and $MLFLOW_TRACKING_URI); give both back."""
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
     yield
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # also drops the variable, which monkeypatch then restores
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

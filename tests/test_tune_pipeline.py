@@ -57,6 +57,7 @@ def test_a_password_in_the_storage_parameter_is_refused(monkeypatch):
 def test_local_campaign_with_two_workers_then_the_best_run(tmp_path, capsys, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     monkeypatch.setenv("OPTUNA_STORAGE", storage)
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]  # the session's store, which the kfp.local tasks inherit
     args = ["-q", "pipeline", "run", "--local", "--pipeline", "datadream-tune", "--root", str(tmp_path / "root"),
             "--param", "study=local", "--param", "trials=2", "--param", "workers=2",
             "--param", "register_name=tl", "--param", "config=generate: {images_per_class: 2}\n"]
@@ -68,7 +69,7 @@ def test_local_campaign_with_two_workers_then_the_best_run(tmp_path, capsys, mon
     best = yaml.safe_load(next(run.glob("**/tune-best/best")).read_text())
     assert best["adapt"]["rank"] == study.best_params["adapt.rank"]
     # The run with the best settings went through the gate: first version, so champion.
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the store the kfp.local tasks used
+    client = MlflowClient(tracking_uri)
     champion = client.get_model_version_by_alias("tl-classifier", "champion")
     parent = client.get_run(champion.tags["mlflow_run_id"])
     assert parent.data.params["adapt.rank"] == str(study.best_params["adapt.rank"])
