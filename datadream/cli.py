@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
 
     p = sub.add_parser("fewshot", help="sample k real images per class; write train/val/test manifests")
-    p.add_argument("--dataset", required=True, help="ImageFolder root: DIR/<class>/<img> or DIR/{train,val,test}/…")
+    p.add_argument("--dataset", required=True, help="dataset folder (or s3:// prefix) in the --dataset-format layout; "
+                   "ImageFolder: DIR/<class>/<img> or DIR/{train,val,test}/…")
+    p.add_argument("--dataset-format", help="data.format: imagefolder (default), imagenet, caltech101, dtd, eurosat, "
+                   "fgvc_aircraft, food101, flowers102, oxford_pets, stanford_cars, sun397 (datadream/data/formats.py)")
     p.add_argument("--shots", type=int, help="images per class (fewshot.shots)")
     p.add_argument("--seed", type=int, help="sampling seed (fewshot.seed)")
     p.add_argument("--out", required=True, help="output folder (a FewShotSet)")
@@ -317,6 +320,7 @@ def run_command(args) -> None:
 
         extra = [f"fewshot.shots={args.shots}"] if args.shots is not None else []
         extra += [f"fewshot.seed={args.seed}"] if args.seed is not None else []
+        extra += [f"data.format={args.dataset_format}"] if args.dataset_format is not None else []
         with storage.output_dir(args.out, marker=fewshot.MARKER) as out:
             fewshot.run(_load(args, extra), args.dataset, out)
     elif cmd == "adapt":

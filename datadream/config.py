@@ -32,6 +32,16 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
+    format: Literal[
+        "imagefolder", "imagenet", "caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "flowers102",
+        "oxford_pets", "stanford_cars", "sun397",
+    ] = Field(
+        "imagefolder",
+        description="On-disk layout of --dataset: imagefolder, or one of the paper's ten datasets as downloaded, "
+        "using CoOp's split_zhou_*.json when present, else the official split files (REFERENCE.md, Datasets and "
+        "Stage 0; layouts in datadream/data/formats.py). It does not set data.domain: configs/paper/<dataset>.yaml "
+        "sets both.",
+    )
     domain: str = Field(
         "",
         description="Domain word put in prompts, e.g. 'texture' for DTD (REFERENCE.md, Datasets). Empty for none.",

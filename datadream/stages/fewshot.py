@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from datadream import storage
 from datadream.config import Config
-from datadream.data.imagefolder import DatasetIndex, scan_imagefolder
+from datadream.data import formats
+from datadream.data.imagefolder import DatasetIndex
 from datadream.data.images import ImageRejected, RejectionCounts, verify_image
 from datadream.data.manifest import Record, write_classes, write_manifest
 from datadream.errors import UserError
@@ -67,7 +68,7 @@ def run(config: Config, dataset: str | os.PathLike, out: str | os.PathLike) -> P
     remote = None
     if storage.is_s3(dataset):  # mirrored into the cache (ETag-checked: a second run downloads nothing)
         remote, dataset = str(dataset).rstrip("/"), storage.localize(dataset)
-    index = scan_imagefolder(dataset, config.data)
+    index = formats.scan(dataset, config.data)
     root = index.root.resolve()
 
     def source(path: Path) -> str:
