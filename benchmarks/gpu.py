@@ -1,0 +1,718 @@
+"""GPU benchmark of DataDream: adapt steps/s, generated images/s, classify images/s, FLOPs and MFU.
+
+Runs the library's own stages (`datadream.stages.*.run`, through the helpers of benchmarks/stages.py) on
+the procedural demo dataset with the paper's architectures at random init: SD 2.1 base at 512 px
+(`models.sd=sd21-base-random`) and CLIP ViT-B/16, bf16 on a GPU. For each stage it reports
+
+- throughput, with fixed costs (model load, latent encoding, saving) removed by timing two workload
+  sizes and dividing the difference in work by the difference in time;
+- model FLOPs per unit of work, counted with `torch.utils.flop_counter.FlopCounterMode` (matmuls,
+  convolutions and attention, forward and backward), and the achieved FLOP/s as a fraction of the
+  card's *measured* peak (a large bf16 matmul, 8192³; on CPU an fp32 matmul) — the MFU;
+- peak memory (`torch.cuda.max_memory_allocated`, GPU only).
+
+Generation is compared in the same run with the reference code's way (a fresh pipeline and LoRA per
+class, batch 10, fp16). From the figures it estimates GPU-hours for a full 16-shot run of each of the
+paper's ten datasets (../shared/REFERENCE.md): 400 adapt steps × classes / steps/s + 500 images × classes
+/ images/s + 60 classify epochs × 500 images × classes / images/s.
+
+Speed options are flags (`--compile`, `--channels-last`, `--attention`, `--gen-batch`); `--try-all`
+measures each of them against the baseline in the same run (adapt and generate, the stages that
+dominate the GPU-hours) and reports which wins.
+
+    .venv/bin/python benchmarks/gpu.py                        # tiny models on CPU, CI-sized (< 1 min)
+    .venv/bin/python benchmarks/gpu.py --preset real          # SD 2.1 base + ViT-B/16, GPU, bf16
+    .venv/bin/python benchmarks/gpu.py --preset real --try-all
+
+The table goes to stdout, logs to stderr, the JSON to benchmarks/results/gpu.json (tiny:
+gpu-tiny.json) unless --json says otherwise. `--preset real` without CUDA is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# benchmarks/ is not a package: stages.py, beside this file, is imported through sys.path.
+from stages import (
+    REFERENCE_BATCH,
+    Figure,
+    device_info,
+    make_dataset,
+    measure_adapt,
+    measure_classify,
+    measure_generate,
+    measure_generate_reference,
+    prepare_models,
+    rate_from_two_runs,
+    seeded,
+    tile_manifest,
+    timed,
+    with_,
+    write_json,
+)
+
+log = logging.getLogger("benchmarks.gpu")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The paper's ten datasets and their class counts (../shared/REFERENCE.md, "Datasets").
+PAPER_DATASETS: dict[str, int] = {
+    "ImageNet": 1000,
+    "Caltech101": 100,
+    "DTD": 47,
+    "EuroSAT": 10,
+    "FGVC-Aircraft": 100,
+    "Food101": 101,
+    "Flowers102": 102,
+    "Oxford-IIIT Pets": 37,
+    "Stanford Cars": 196,
+    "SUN397": 397,
+}
+
+# A full 16-shot run per class (REFERENCE.md): 200 epochs × ceil(16 / 8) = 400 SD LoRA steps; 500 images
+# at 50 steps, guidance 2.0; CLIP trained 60 epochs (configs/paper.yaml) on the 500·N synthetic images.
+PAPER_WORKLOAD = {"adapt_steps_per_class": 400, "images_per_class": 500, "classify_epochs": 60}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "config": "tiny",
+        "overrides": ["generate.guidance_scale=2.0"],
+        "classes": 2,
+        "images_per_class": (4, 8),  # two generate runs; rate from the difference
+        "gen_batch": 4,
+        "try_batches": (2, 4, 8),
+        "steps": 4,
+        "adapt_steps": (2, 8),
+        "classify_epochs": (1, 2),
+        "classify_images": 512,
+        "image_size": 64,
+        "peak_matmul": 1024,  # CPU fp32 matmul side for the peak
+    },
+    "real": {
+        "config": "paper",
+        "overrides": [
+            "models.sd=sd21-base-random",  # SD 2.1 base architecture, random init (no download)
+            "models.clip=ViT-B-16",
+            "models.clip_pretrained=null",  # ViT-B/16 at random init
+            "run.precision=bf16",
+            "generate.resolution=512",
+            "adapt.resolution=512",
+            "generate.guidance_scale=2.0",
+        ],
+        "classes": 2,
+        "images_per_class": (20, 40),
+        "gen_batch": 20,
+        "try_batches": (10, 20, 40),
+        "steps": 50,
+        "adapt_steps": (10, 40),
+        "classify_epochs": (1, 3),
+        "classify_images": 2048,
+        "image_size": 256,
+        "peak_matmul": 8192,  # bf16 8192³
+    },
+}
+
+
+# --- options -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """Speed options applied to the models the stages load (the library code paths stay the same)."""
+
+    compile: bool = False  # torch.compile (nn.Module.compile, in place) of the UNet and CLIP towers
+    channels_last: bool = False  # UNet and VAE in channels-last memory format
+    attention: str = "sdpa"  # sdpa: diffusers' default (torch picks the kernel: cuDNN, flash, efficient,
+    # math); flash: SDPA limited to flash-attention, with the math kernel only where flash cannot run (the
+    # text encoder's masked attention); classic: diffusers' AttnProcessor (no SDPA, explicit softmax)
+    gen_batch: int | None = None  # generate.batch_size for our generation
+
+    def label(self) -> str:
+        parts = [f"attention={self.attention}"]
+        if self.compile:
+            parts.append("compile")
+        if self.channels_last:
+            parts.append("channels-last")
+        if self.gen_batch is not None:
+            parts.append(f"batch {self.gen_batch}")
+        return ", ".join(parts)
+
+
+def _tune_sd(unet, vae, opts: Options) -> None:
+    import torch
+
+    if opts.attention == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+        vae.set_attn_processor(AttnProcessor())
+    if opts.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if opts.compile:
+        unet.compile()  # in place: the module object (and its LoRA state dict keys) stay the same
+
+
+@contextlib.contextmanager
+def applied(opts: Options, sd_stage: bool):
+    """Patch the model loaders the stages call so that what they load carries `opts`.
+
+    adapt and generate import `datadream.models.sd.load_*` inside their run function, classify imports
+    `load_clip` at module level, so patching those attributes reaches them. The reference-way generation
+    runs outside this block: it is the thing compared against.
+    """
+    import torch
+
+    import datadream.models.sd as sd_mod
+    import datadream.stages.classify as classify_mod
+
+    if opts.attention == "flash" and not torch.cuda.is_available():
+        raise RuntimeError("attention=flash needs CUDA")
+    orig_components, orig_pipeline = sd_mod.load_sd_components, sd_mod.load_sd_pipeline
+    orig_clip = classify_mod.load_clip
+
+    def components(models):
+        tokenizer, text_encoder, vae, unet, scheduler = orig_components(models)
+        _tune_sd(unet, vae, opts)
+        return tokenizer, text_encoder, vae, unet, scheduler
+
+    def pipeline(models, dtype=None):
+        pipe = orig_pipeline(models, dtype=dtype)
+        _tune_sd(pipe.unet, pipe.vae, opts)
+        return pipe
+
+    def clip(models, device):
+        model, tokenizer, preprocess = orig_clip(models, device)
+        if opts.compile:
+            model.visual.compile()
+            model.transformer.compile()
+        return model, tokenizer, preprocess
+
+    sd_mod.load_sd_components, sd_mod.load_sd_pipeline, classify_mod.load_clip = components, pipeline, clip
+    if opts.compile:
+        # Every stage run loads fresh modules and generate swaps adapters per class: each is a recompile, and
+        # past dynamo's default limit (8) it would fall back to eager without saying so.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+    try:
+        with contextlib.ExitStack() as stack:
+            if opts.attention == "flash" and sd_stage:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]))
+            yield
+    finally:
+        sd_mod.load_sd_components, sd_mod.load_sd_pipeline, classify_mod.load_clip = (
+            orig_components, orig_pipeline, orig_clip)
+        if opts.compile:
+            torch._dynamo.reset()
+
+
+# --- FLOPs and peak ------------------------------------------------------------------------------------------
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """Model FLOPs of fn (forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def measure_peak_flops(n: int, iters: int = 10) -> dict[str, Any]:
+    """The device's achievable FLOP/s: an n×n×n matmul (bf16 on CUDA, fp32 on CPU), best of a few rounds."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if not cuda:
+        iters = max(2, iters // 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    with torch.inference_mode():
+        a @ b  # warm-up (kernel selection, thread pool)
+        best = math.inf
+        for _ in range(3):
+            _, t = timed(lambda: [a @ b for _ in range(iters)])
+            best = min(best, t)
+    flops_s = 2 * n**3 * iters / best
+    return {"flops_s": flops_s, "how": f"{n}³ {str(dtype).removeprefix('torch.')} matmul on {device}, "
+            f"{iters} iterations, best of 3", "n": n, "dtype": str(dtype), "device": device}
+
+
+def adapt_flops_per_step(config, fewshot_dir: Path, work: Path) -> float:
+    """FLOPs of one class-wise SD LoRA step: adapt.run at max_steps 1 and 2, difference / classes."""
+    from datadream.data.manifest import read_classes
+    from datadream.stages import adapt
+
+    n_classes = len(read_classes(fewshot_dir / "classes.json"))
+    flops = []
+    for s in (1, 2):
+        cfg = with_(config, adapt={"mode": "class", "max_steps": s, "epochs": 10_000, "checkpoint_every": 10**9})
+        seeded(cfg)
+        flops.append(count_flops(adapt.run, cfg, fewshot_dir, work / f"flops-adapters-{s}"))
+    return (flops[1] - flops[0]) / n_classes
+
+
+def generate_flops_per_image(config) -> float:
+    """FLOPs of one generated image: one pipeline call for a single image at the configured steps and
+    guidance (text encoding, 2 UNet passes per step with guidance > 1, VAE decode). The adapter's rank-r
+    LoRA terms are left out (under 1% at rank 16)."""
+    import torch
+
+    from datadream.models.sd import load_sd_pipeline
+    from datadream.runtime import autocast_dtype, resolve_device
+
+    device = resolve_device(config.run)
+    g = config.generate
+    pipe = load_sd_pipeline(config.models, dtype=autocast_dtype(config.run, device)).to(device)
+    size = g.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def one() -> None:
+        with torch.inference_mode():
+            pipe(prompt=["a photo of a thing"], num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
+                 height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    return float(count_flops(one))
+
+
+def classify_flops_per_image(config, fewshot_dir: Path, synthetic: Path, work: Path) -> float:
+    """FLOPs per training image of the CLIP LoRA classifier: classify.run for 1 and 2 epochs on two batches
+    of images, difference / images (validation, identical in both runs, cancels)."""
+    from datadream.stages import classify
+
+    n = 2 * config.classify.batch_size
+    tiled = work / "flops-synthetic"
+    tile_manifest(synthetic / "manifest.jsonl", tiled / "manifest.jsonl", n)
+    flops = []
+    for e in (1, 2):
+        cfg = with_(config, classify={"train_on": "synthetic", "epochs": e, "val_every": 10**9})
+        seeded(cfg)
+        flops.append(count_flops(classify.run, cfg, fewshot_dir, tiled, work / f"flops-classifier-{e}"))
+    return (flops[1] - flops[0]) / n
+
+
+# --- estimate ------------------------------------------------------------------------------------------------
+
+
+def estimate_gpu_hours(classes: int, *, adapt_steps_s: float, generate_img_s: float, classify_img_s: float,
+                       adapt_steps_per_class: int = PAPER_WORKLOAD["adapt_steps_per_class"],
+                       images_per_class: int = PAPER_WORKLOAD["images_per_class"],
+                       classify_epochs: int = PAPER_WORKLOAD["classify_epochs"]) -> dict[str, float]:
+    """GPU-hours of a full run on a dataset of `classes` classes, from per-GPU rates.
+
+    adapt = steps/class × classes / steps/s; generate = images/class × classes / images/s;
+    classify = epochs × images/class × classes / images/s (trained on the synthetic set). Fixed costs
+    (model loads, adapter swaps, validation) are left out: they are minutes, not hours, at this scale.
+    """
+    adapt_h = adapt_steps_per_class * classes / adapt_steps_s / 3600
+    generate_h = images_per_class * classes / generate_img_s / 3600
+    classify_h = classify_epochs * images_per_class * classes / classify_img_s / 3600
+    return {"classes": classes, "adapt_h": adapt_h, "generate_h": generate_h, "classify_h": classify_h,
+            "total_h": adapt_h + generate_h + classify_h}
+
+
+# --- measurements --------------------------------------------------------------------------------------------
+
+
+def measure_generate_rate(config, fewshot_dir: Path, adapters: Path, work: Path,
+                          per_class: tuple[int, int]) -> tuple[Figure, Figure, Path]:
+    """Our generation (one pipeline, adapters swapped per class) at two images-per-class counts.
+
+    Returns the rate (Δimages / Δt, pipeline load and swaps removed), the larger run end to end (what the
+    reference is compared with) and the larger run's synthetic folder.
+    """
+    runs = []
+    for ipc in per_class:
+        cfg = with_(config, generate={"images_per_class": ipc})
+        runs.append(measure_generate(cfg, fewshot_dir, adapters, work / f"generate-{ipc}"))
+    (small, _), (large, synthetic) = runs
+    rate, fixed = rate_from_two_runs((small.details["images"], large.details["images"]),
+                                     (small.details["seconds"], large.details["seconds"]))
+    g = config.generate
+    details = {"images": [small.details["images"], large.details["images"]],
+               "seconds": [small.details["seconds"], large.details["seconds"]], "fixed_s": fixed,
+               "batch_size": g.batch_size, "steps": g.steps, "guidance_scale": g.guidance_scale,
+               "dtype": large.details["dtype"], "peak_gpu_gib": large.details["peak_gpu_gib"]}
+    figure = Figure("generate (ours)", rate, "img/s",
+                    f"one pipeline, adapter swap, batch {g.batch_size}, {g.steps} steps, guidance "
+                    f"{g.guidance_scale}, {details['dtype'].removeprefix('torch.')}; Δ of {per_class[0]}→"
+                    f"{per_class[1]} images/class (load {fixed:.2f} s removed)", details)
+    return figure, large, synthetic
+
+
+def with_mfu(figure: Figure, flops_per_unit: float, peak: float | None) -> Figure:
+    achieved = figure.value * flops_per_unit
+    mfu = achieved / peak if peak and achieved == achieved else None
+    figure.details.update({"flops_per_unit": flops_per_unit, "achieved_flops_s": achieved, "mfu": mfu})
+    return figure
+
+
+def warm_up(opts: Options, stage: str, fn) -> None:
+    """With torch.compile, run the stage once untimed first, so both timed runs find the compiled graphs
+    in the caches and pay the same (small) compile cost, which the two-run difference then removes."""
+    if opts.compile:
+        log.info("%s: warm-up run for torch.compile (untimed)", stage)
+        fn()
+
+
+def config_for(base, opts: Options):
+    return with_(base, generate={"batch_size": opts.gen_batch}) if opts.gen_batch else base
+
+
+def try_variant(name: str, fn) -> dict[str, Any]:
+    """Run one --try-all measurement; a failure (OOM, no flash kernel, no compiler) is recorded, not fatal."""
+    log.info("try-all: %s", name)
+    try:
+        figure = fn()
+        return {"variant": name, "value": figure.value, "unit": figure.unit,
+                "peak_gpu_gib": figure.details.get("peak_gpu_gib"), "error": None}
+    except Exception as e:  # any failure of an option is a result to report, not a crash
+        log.warning("try-all: %s failed: %s: %s", name, type(e).__name__, e)
+        with contextlib.suppress(Exception):
+            import torch
+
+            torch._dynamo.reset()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return {"variant": name, "value": None, "unit": None, "peak_gpu_gib": None,
+                "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def run_try_all(config, args, fewshot_dir: Path, adapters: Path, work: Path, base: Options) -> dict[str, Any]:
+    preset = PRESETS[args.preset]
+    variants = {
+        "baseline": Options(),
+        "channels-last": Options(channels_last=True),
+        "compile": Options(compile=True),
+        "attention=flash": Options(attention="flash"),
+        "attention=classic (no SDPA)": Options(attention="classic"),
+    }
+    results: dict[str, Any] = {"adapt": [], "generate": []}
+    for name, opts in variants.items():
+        def adapt_fig(opts=opts, name=name) -> Figure:
+            with applied(opts, sd_stage=True):
+                warm_up(opts, "adapt", lambda: measure_adapt(config, fewshot_dir, work / f"try-adapt-{name}-warm",
+                                                             (1, 2)))
+                figs, _ = measure_adapt(config, fewshot_dir, work / f"try-adapt-{name}", tuple(args.adapt_steps))
+            return figs[0]
+        results["adapt"].append(try_variant(f"adapt {name}", adapt_fig))
+    gen_variants = dict(variants)
+    gen_variants.update({f"batch {b}": Options(gen_batch=b) for b in preset["try_batches"]})
+    per_class = (min(args.images_per_class), max(max(args.images_per_class), *preset["try_batches"]))
+    for name, opts in gen_variants.items():
+        opts = opts if opts.gen_batch else replace(opts, gen_batch=base.gen_batch)
+
+        def gen_fig(opts=opts, name=name) -> Figure:
+            with applied(opts, sd_stage=True):
+                warm_up(opts, "generate", lambda: measure_generate(
+                    with_(config_for(config, opts), generate={"images_per_class": per_class[0]}), fewshot_dir,
+                    adapters, work / f"try-generate-{name}-warm"))
+                fig, _, _ = measure_generate_rate(config_for(config, opts), fewshot_dir, adapters,
+                                                  work / f"try-generate-{name}", per_class)
+            return fig
+        results["generate"].append(try_variant(f"generate {name}", gen_fig))
+    winners = {}
+    for stage, rows in results.items():
+        ok = [r for r in rows if r["value"] is not None and r["value"] == r["value"]]
+        if ok:
+            best = max(ok, key=lambda r: r["value"])
+            baseline = next((r["value"] for r in ok if r["variant"].endswith(" baseline")), None)
+            winners[stage] = {"variant": best["variant"], "value": best["value"],
+                              "vs_baseline": best["value"] / baseline if baseline else None}
+    # "baseline" and "batch <gen_batch>" are the same settings measured twice: their spread gauges the noise.
+    same = [r["value"] for r in results["generate"]
+            if r["value"] is not None and r["variant"] in ("generate baseline", f"generate batch {base.gen_batch}")]
+    if len(same) == 2 and min(same) > 0:
+        winners["generate_repeat_spread"] = max(same) / min(same) - 1
+    results["winners"] = winners
+    return results
+
+
+def run_benchmark(config, args, work: Path, opts: Options) -> dict[str, Any]:
+    from datadream.stages import fewshot
+
+    preset = PRESETS[args.preset]
+    setup: dict[str, float] = {"prepare_models_s": prepare_models(config)}
+    log.info("measuring peak FLOP/s")
+    peak = measure_peak_flops(args.peak_matmul or preset["peak_matmul"])
+    log.info("peak: %.3g FLOP/s (%s)", peak["flops_s"], peak["how"])
+    peak_flops = peak["flops_s"]
+    dataset, setup["dataset_s"] = timed(make_dataset, work, args.classes, preset["image_size"], 0)
+    fewshot_dir, setup["fewshot_s"] = timed(fewshot.run, config, dataset, work / "fewshot")
+    ours_config = config_for(config, opts)
+
+    log.info("adapt (%s)", opts.label())
+    with applied(opts, sd_stage=True):
+        warm_up(opts, "adapt", lambda: measure_adapt(config, fewshot_dir, work / "adapt-warm", (1, 2)))
+        adapt_figs, adapters = measure_adapt(config, fewshot_dir, work / "adapt", tuple(args.adapt_steps))
+    log.info("generate, ours (%s)", opts.label())
+    with applied(opts, sd_stage=True):
+        warm_up(opts, "generate", lambda: measure_generate(
+            with_(ours_config, generate={"images_per_class": min(args.images_per_class)}), fewshot_dir, adapters,
+            work / "generate-warm"))
+        gen_rate, gen_end_to_end, synthetic = measure_generate_rate(
+            ours_config, fewshot_dir, adapters, work / "generate", tuple(args.images_per_class))
+    log.info("generate, the reference code's way")
+    ref_config = with_(config, generate={"images_per_class": max(args.images_per_class)})
+    reference = measure_generate_reference(ref_config, fewshot_dir, adapters, work / "reference")
+    log.info("classify (%s)", opts.label())
+    with applied(opts, sd_stage=False):
+        warm_up(opts, "classify", lambda: measure_classify(config, fewshot_dir, synthetic, work / "classify-warm",
+                                                           (1, 2), 2 * config.classify.batch_size))
+        classify_figs, _ = measure_classify(config, fewshot_dir, synthetic, work / "classify",
+                                            tuple(args.classify_epochs), args.classify_images)
+
+    log.info("counting FLOPs (FlopCounterMode)")
+    flops = {
+        "adapt_per_step": adapt_flops_per_step(config, fewshot_dir, work / "flops"),
+        "generate_per_image": generate_flops_per_image(config),
+        "classify_per_image": classify_flops_per_image(config, fewshot_dir, synthetic, work / "flops"),
+    }
+    adapt_fig = with_mfu(adapt_figs[0], flops["adapt_per_step"], peak_flops)
+    gen_rate = with_mfu(gen_rate, flops["generate_per_image"], peak_flops)
+    reference = with_mfu(reference, flops["generate_per_image"], peak_flops)
+    classify_fig = with_mfu(classify_figs[0], flops["classify_per_image"], peak_flops)
+    ours_e2e = gen_end_to_end.value
+    speedup = Figure("generate speed-up", ours_e2e / reference.value, "×",
+                     f"ours / reference, end to end on the same {reference.details['images']} images "
+                     f"(ours {ours_e2e:.3g} img/s, one load; reference {reference.value:.3g} img/s, a load per "
+                     f"class); {gen_rate.value / reference.details['generation_only_img_s']:.2f}× without loads",
+                     {"ours_end_to_end_img_s": ours_e2e, "ours_rate_img_s": gen_rate.value,
+                      "reference_img_s": reference.value,
+                      "reference_generation_only_img_s": reference.details["generation_only_img_s"]})
+    figures = [adapt_fig, adapt_figs[1], gen_rate, reference, speedup, classify_fig, classify_figs[1]]
+
+    rates = {"adapt_steps_s": adapt_fig.value, "generate_img_s": gen_rate.value, "classify_img_s": classify_fig.value}
+    estimate = {
+        "basis": f"{args.preset} preset figures on {device_info()['device']}"
+        + ("" if args.preset == "real" else " (tiny models: the numbers only exercise the arithmetic)"),
+        "workload": dict(PAPER_WORKLOAD),
+        "rates": rates,
+        "reference_generate_img_s": reference.details["generation_only_img_s"],
+        "datasets": {name: estimate_gpu_hours(n, **rates) for name, n in PAPER_DATASETS.items()},
+    }
+
+    def stage(fig: Figure) -> dict[str, Any]:
+        return {"value": fig.value, "unit": fig.unit, "flops_per_unit": fig.details.get("flops_per_unit"),
+                "achieved_flops_s": fig.details.get("achieved_flops_s"), "mfu": fig.details.get("mfu"),
+                "peak_gpu_gib": fig.details.get("peak_gpu_gib")}
+
+    result = {
+        "peak": peak,
+        "flops": flops,
+        "stages": {
+            "adapt": stage(adapt_fig) | {"steps_s": adapt_fig.value},
+            "generate": {"ours": stage(gen_rate) | {"img_s": gen_rate.value, "end_to_end_img_s": ours_e2e},
+                         "reference": stage(reference) | {"img_s": reference.value},
+                         "speedup": speedup.value},
+            "classify": stage(classify_fig) | {"img_s": classify_fig.value},
+        },
+        "figures": figures,
+        "estimate": estimate,
+        "setup": {k: round(v, 2) for k, v in setup.items()},
+    }
+    if args.try_all:
+        result["try_all"] = run_try_all(config, args, fewshot_dir, adapters, work, opts)
+    return result
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None or x != x else format(x, spec)
+
+
+def format_tables(result: dict[str, Any], device: str) -> str:
+    rows = [("stage", "figure", "unit", "GFLOP/unit", "MFU", "peak GiB", "notes")]
+    for f in result["figures"]:
+        d = f.details
+        fpu = d.get("flops_per_unit")
+        mfu = d.get("mfu")
+        rows.append((f.stage, _fmt(f.value), f.unit, _fmt(fpu / 1e9 if fpu else None),
+                     "n/a" if mfu is None else f"{100 * mfu:.1f}%", _fmt(d.get("peak_gpu_gib")), f.notes))
+    lines = [f"DataDream GPU benchmark on {device}",
+             f"peak {result['peak']['flops_s'] / 1e12:.3g} TFLOP/s measured ({result['peak']['how']})", ""]
+    lines += _columns(rows)
+    est = result["estimate"]
+    lines += ["", f"Estimated GPU-hours, full 16-shot run per dataset ({est['basis']}):",
+              f"400 adapt steps, 500 images and {PAPER_WORKLOAD['classify_epochs']} classify epochs per class", ""]
+    erows = [("dataset", "classes", "adapt h", "generate h", "classify h", "total h")]
+    for name, e in est["datasets"].items():
+        erows.append((name, str(e["classes"]), *(_fmt(e[k], ".3g") for k in ("adapt_h", "generate_h", "classify_h",
+                                                                              "total_h"))))
+    lines += _columns(erows)
+    if "try_all" in result:
+        lines += ["", "--try-all (same run):", ""]
+        trows = [("variant", "figure", "unit", "peak GiB", "error")]
+        for stage in ("adapt", "generate"):
+            for r in result["try_all"][stage]:
+                trows.append((r["variant"], _fmt(r["value"]), r["unit"] or "", _fmt(r["peak_gpu_gib"]),
+                              (r["error"] or "")[:80]))
+        lines += _columns(trows)
+        winners = result["try_all"]["winners"]
+        spread = winners.get("generate_repeat_spread")
+        for stage, w in winners.items():
+            if not isinstance(w, dict):
+                continue
+            lines.append(f"winner, {stage}: {w['variant']} ({_fmt(w['value'])}; "
+                         f"{_fmt(w['vs_baseline'], '.2f')}× the baseline)")
+        if spread is not None:
+            lines.append(f"noise: the baseline measured twice (as 'baseline' and 'batch <same>') differs by "
+                         f"{100 * spread:.0f}%; smaller gaps between variants are not a win")
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths) + "  -----")
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/gpu.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="tiny",
+                   help="tiny: tiny random-init models on CPU, CI-sized; real: SD 2.1 base (512 px) and CLIP "
+                   "ViT-B/16 at random init, bf16, needs CUDA (skipped with a message without it)")
+    p.add_argument("--json", type=Path, help="results file (default benchmarks/results/gpu.json for real, "
+                   "gpu-tiny.json for tiny)")
+    p.add_argument("--out", type=Path, help="empty or new folder for scratch artifacts (default: a temporary "
+                   "folder, deleted afterwards)")
+    p.add_argument("--classes", type=int, help="classes of the demo dataset, 1..6")
+    p.add_argument("--images-per-class", type=int, nargs=2, metavar=("A", "B"),
+                   help="the two generate.images_per_class values whose difference gives our img/s")
+    p.add_argument("--steps", type=int, help="denoising steps (the paper: 50)")
+    p.add_argument("--adapt-steps", type=int, nargs=2, metavar=("A", "B"), help="two adapt.max_steps values")
+    p.add_argument("--classify-epochs", type=int, nargs=2, metavar=("E1", "E2"), help="two classify.epochs values")
+    p.add_argument("--classify-images", type=int, help="training images per classify epoch (synthetic set tiled)")
+    p.add_argument("--peak-matmul", type=int, help="side n of the n³ matmul that measures peak FLOP/s")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the CLIP towers")
+    p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    p.add_argument("--attention", choices=("sdpa", "flash", "classic"), default="sdpa",
+                   help="SD attention: sdpa (diffusers' default, torch picks the kernel), flash (SDPA limited to "
+                   "flash-attention, math where flash cannot run; CUDA), classic (diffusers' AttnProcessor, no SDPA)")
+    p.add_argument("--gen-batch", type=int, help="generate.batch_size of our generation (the tuned batch)")
+    p.add_argument("--try-all", action="store_true", help="also measure each option against the baseline in "
+                   "this run (adapt and generate; and generation batch sizes) and report which wins")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="extra config override (repeatable)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--progress", action="store_true", help="show the stages' progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in ("classes", "images_per_class", "steps", "adapt_steps", "classify_epochs", "classify_images",
+                "gen_batch"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if not 1 <= args.classes <= 6:
+        parser.error(f"--classes {args.classes}: the demo dataset has 6 classes; choose 1..6")
+    for name in ("images_per_class", "adapt_steps", "classify_epochs"):
+        a, b = getattr(args, name)
+        if not 0 < a < b:
+            parser.error(f"--{name.replace('_', '-')} {a} {b}: need 0 < A < B")
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"--out {args.out}: not empty (stages skip finished outputs, so a re-run would time nothing)")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for name in ("benchmarks", "datadream"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.preset == "real" and not torch.cuda.is_available():
+        msg = "skipped: --preset real needs a CUDA GPU (SD 2.1 base at 512 px would take hours on CPU); " \
+              "run --preset tiny here, or this command on a GPU machine"
+        log.warning("%s", msg)
+        sys.stdout.write(msg + "\n")
+        return 0
+
+    from datadream.config import load_config
+    from datadream.errors import UserError
+
+    try:
+        config = load_config(preset["config"], overrides=[*preset["overrides"], f"generate.steps={args.steps}",
+                                                          *args.overrides])
+    except UserError as e:
+        log.error("%s", e)
+        return 2
+    opts = Options(compile=args.compile, channels_last=args.channels_last, attention=args.attention,
+                   gen_batch=args.gen_batch)
+
+    started = datetime.now(UTC)
+    scratch = args.out or Path(tempfile.mkdtemp(prefix="datadream-gpu-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or RESULTS_DIR / ("gpu.json" if args.preset == "real" else f"gpu-{args.preset}.json")
+    device = device_info()
+    log.info("GPU benchmark, preset %s on %s, torch %s; options: %s", args.preset, device["device"],
+             device["torch"], opts.label())
+    try:
+        result = run_benchmark(config, args, scratch, opts)
+    except UserError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        if args.out is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finished = datetime.now(UTC)
+
+    payload = {
+        "benchmark": "gpu",
+        "preset": args.preset,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "wall_s": round((finished - started).total_seconds(), 1),
+        "device": device,
+        "options": asdict(opts),
+        "settings": {k: getattr(args, k) for k in ("classes", "images_per_class", "steps", "adapt_steps",
+                                                   "classify_epochs", "classify_images", "threads", "try_all")}
+        | {"overrides": args.overrides, "reference_batch": REFERENCE_BATCH, **result["setup"]},
+        **{k: v for k, v in result.items() if k not in ("figures", "setup")},
+        "figures": [asdict(f) for f in result["figures"]],
+        "config": config.to_dict(),
+    }
+    write_json(json_path, json.loads(json.dumps(payload, default=str)))
+    sys.stdout.write(format_tables(result, device["device"]) + "\n")
+    log.info("results -> %s", json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
