@@ -129,3 +129,22 @@ def check_output_dir(out: str | os.PathLike, marker: str, fingerprint: str) -> b
 def mark_started(out: str | os.PathLike, fingerprint: str) -> None:
     """Record the input fingerprint of a resumable stage so a re-run can tell it may resume."""
     atomic_write_text(Path(out) / ".fingerprint", fingerprint + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on the file `path` (created, with its folder) across processes. flock: the kernel
+    releases it if the holder dies. A no-op where fcntl is missing (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from datadream.errors import UserError
-from datadream.io import atomic_write_json
+from datadream.io import atomic_write_json, file_lock
 from datadream.tracking import redact
 
 logger = logging.getLogger(__name__)
@@ -360,22 +360,6 @@ def local_etag(path: str | os.PathLike, size: int | None = None) -> str:
     return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (created) across processes; a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def cache_dir() -> Path:
     """The object cache's root: $DATADREAM_CACHE, else ~/.cache/datadream (mirrors live under s3/<bucket>/)."""
     from datadream.config import ModelsConfig
@@ -472,7 +456,7 @@ def download_prefix(uri: str | os.PathLike, dest: str | os.PathLike | None = Non
     dest.mkdir(parents=True, exist_ok=True)
     real_dest = os.path.realpath(dest)
     index_path = dest / INDEX_NAME
-    with _locked(dest / LOCK_NAME):
+    with file_lock(dest / LOCK_NAME):
         index = _read_index(index_path, bucket, prefix)
         todo: list[_Obj] = []
         for obj in objects:

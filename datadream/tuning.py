@@ -39,11 +39,10 @@ from typing import Any
 
 from datadream.config import SEARCHABLE, Config, deep_merge
 from datadream.errors import UserError
-from datadream.io import atomic_write_text, sha256_file, sha256_json
+from datadream.io import atomic_write_text, file_lock, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("COMPLETE", "PRUNED")
 STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
@@ -253,9 +252,8 @@ def create_study(name: str, storage_url: str, config: Config):
 
 
 def finished(study) -> int:
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    """Trials that count toward a campaign's target: complete or pruned."""
+    return len(study.get_trials(deepcopy=False, states=_finished_states()))
 
 
 class Campaign:
@@ -338,11 +336,11 @@ class Campaign:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (best val top-1 {best_val:.4f})")
 
         # Shared folders are built by one worker at a time; the others wait, then find them finished.
-        with _locked(folders["adapters"]):
+        with file_lock(lock_of(folders["adapters"])):
             adapt.run(cfg, self.fewshot_dir, folders["adapters"])
-        with _locked(folders["synthetic"]):
+        with file_lock(lock_of(folders["synthetic"])):
             generate.run(cfg, self.fewshot_dir, folders["adapters"], folders["synthetic"])
-        with _locked(folders["classifier"]):
+        with file_lock(lock_of(folders["classifier"])):
             out = classify.run(cfg, self.fewshot_dir, folders["synthetic"], folders["classifier"], on_epoch=report)
         clf = json.loads((out / "classifier.json").read_text())
         if clf.get("best_val_top1") is None:
@@ -372,18 +370,9 @@ class Campaign:
         tag_best(self.study, self.parent_run)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on `<folder>.lock` (flock: released by the kernel if the holder dies)."""
-    import fcntl
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def lock_of(folder: Path) -> Path:
+    """The lock file beside a shared work folder."""
+    return folder.with_name(folder.name + ".lock")
 
 
 def _finished_states():
