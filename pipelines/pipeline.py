@@ -80,6 +80,52 @@ def on_gpu(task, s: ClusterSettings):
     return _common(task, s)
 
 
+# What the Kubeflow UI shows beside each pipeline parameter (KFP reads the pipeline function's "Args:"
+# docstring into the compiled IR's inputDefinitions.parameters.<name>.description; `described` writes it).
+PARAMETER_HELP = {
+    "dataset": 'Labelled dataset: an ImageFolder path or s3:// URI (DATA/<class>/<image> or '
+               'DATA/{train,val,test}/<class>/<image>); "demo" = the procedural demo dataset.',
+    "shots": "Real images per class (k) sampled for adaptation and training, e.g. 16.",
+    "seed": "Seed of the few-shot sampling, adaptation, generation and training.",
+    "mode": '"class": one Stable Diffusion LoRA adapter per class (DataDream_cls); '
+            '"dataset": one adapter for all classes (DataDream_dset).',
+    "images_per_class": "Synthetic images generated per class (the paper: 500).",
+    "train_on": 'Classifiers to train and evaluate, a JSON list of "synthetic", "synthetic+real", "real" '
+                '(few-shot baseline) and "zero-shot" (no training), e.g. ["synthetic","synthetic+real"].',
+    "gpus": "GPUs to use at once: the number of class shards adaptation and generation fan out over.",
+    "sd_model": "Stable Diffusion model: Hugging Face id, folder or s3:// URI "
+                "(stabilityai/stable-diffusion-2-1-base), or tiny.",
+    "clip_model": "CLIP architecture: an open_clip model name (ViT-B-16), local-dir:FOLDER, or tiny.",
+    "clip_pretrained": 'open_clip pretrained tag (openai) or a safetensors weights file; "" = none.',
+    "preset": '"paper" (the paper\'s settings, docs/method.md) or "tiny" (random-init models for a CPU smoke run).',
+    "config": "YAML layered on the preset: any setting, e.g. 'classify: {epochs: 30}' "
+              "(datadream tune best writes one).",
+    "register_name": "MLflow experiment and registry prefix (<name>-classifier, <name>-sd-lora); "
+                     '"" = no tracking, no registration.',
+    "promote_margin": "The gate: a new classifier becomes champion only if its test top-1 beats the "
+                      "champion's by more than this.",
+    "promote_floor": "The gate: the least test top-1 a champion must have.",
+}
+
+
+def described(extra: dict[str, str] | None = None):
+    """A decorator giving a pipeline function an "Args:" docstring that describes each of its
+    parameters from PARAMETER_HELP and `extra` (KeyError if one is missing); KFP turns it into the
+    parameter descriptions the Kubeflow UI shows."""
+    import inspect
+
+    helps = {**PARAMETER_HELP, **(extra or {})}
+
+    def decorate(fn):
+        if not fn.__doc__:
+            raise ValueError(f"{fn.__name__}: give it a one-line docstring; the Args: section follows it")
+        lines = [f"    {name}: {helps[name]}" for name in inspect.signature(fn).parameters]
+        fn.__doc__ = "\n".join([fn.__doc__.strip(), "", "Args:", *lines])
+        return fn
+
+    return decorate
+
+
 def build_pipeline(settings: ClusterSettings | None = None):
     """The pipeline function, with every component in `settings.image`."""
     from kfp import dsl
@@ -117,6 +163,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
         description="DataDream: LoRA-adapt Stable Diffusion to k shots per class, synthesize a training set, "
         "train a CLIP LoRA classifier on it and evaluate it on the real test split.",
     )
+    @described()
     def datadream(
         dataset: str = "demo",
         shots: int = 16,
@@ -134,22 +181,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
         promote_margin: float = 0.0,
         promote_floor: float = 0.0,
     ):
-        """Parameters:
-
-        dataset: ImageFolder path or URI of the labelled dataset; "demo" = the procedural demo dataset.
-        shots: real images per class (1..16).
-        seed: sampling and training seed.
-        mode: "class" (one SD adapter per class) or "dataset" (one for all classes).
-        images_per_class: synthetic images per class.
-        train_on: classifiers to train: any of "synthetic", "synthetic+real", "real", "zero-shot".
-        gpus: GPUs to use at once = class shards of the SD fan-out.
-        sd_model, clip_model, clip_pretrained: base models (Hub id, folder, open_clip name/tag).
-        preset: "paper" (REFERENCE.md settings) or "tiny" (CPU smoke run).
-        config: YAML overrides of any setting, layered on the preset.
-        register_name: MLflow registry prefix (<name>-classifier, <name>-sd-lora); "" = do not register.
-        promote_margin, promote_floor: the gate: a candidate becomes champion only with test top-1 ≥ floor
-            and > the champion's + margin.
-        """
+        """One DataDream run: few-shot set, SD adapters, synthetic images, classifiers, registration."""
         p = dict(dataset=dataset, shots=shots, seed=seed, train_on=train_on, sd_model=sd_model,
                  clip_model=clip_model, clip_pretrained=clip_pretrained, preset=preset, config=config,
                  register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor)

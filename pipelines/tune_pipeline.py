@@ -12,9 +12,21 @@ holds no password. The fan-out width is the `workers` parameter (tune_prepare re
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
-from pipelines.pipeline import ClusterSettings, build_pipeline, on_cpu, on_gpu
+from pipelines.pipeline import ClusterSettings, build_pipeline, described, on_cpu, on_gpu
 
 PIPELINE_NAME = "datadream-tune"
+# The search's own parameters; the others are the datadream pipeline's, for the trials and the final run.
+TUNE_HELP = {
+    "study": "Optuna study name; re-running with the same name resumes the campaign.",
+    "storage": 'Study storage URL without a password; "" = $OPTUNA_STORAGE from the datadream-secrets Secret.',
+    "trials": "Finished trials the campaign should reach, all workers together.",
+    "workers": "GPU worker tasks running trials at once.",
+    "run_best": "After the search, run the datadream pipeline with the best settings and register it.",
+    "config": "YAML layered on the preset, including the search (tune.search, tune.space, tune.fidelity, "
+              "tune.pruner).",
+    "register_name": "MLflow registry prefix; the campaign is tracked in experiment <register_name>-tune, the "
+                     'final run in <register_name>; "" = no MLflow.',
+}
 
 
 def build_tune_pipeline(settings: ClusterSettings | None = None):
@@ -33,6 +45,7 @@ def build_tune_pipeline(settings: ClusterSettings | None = None):
         "parallel GPU workers sharing one study, scored by val top-1; then optionally a full datadream run "
         "with the best settings, registered through the promotion gate.",
     )
+    @described(TUNE_HELP)
     def datadream_tune(
         study: str = "datadream",
         storage: str = "",
@@ -55,19 +68,7 @@ def build_tune_pipeline(settings: ClusterSettings | None = None):
         promote_margin: float = 0.0,
         promote_floor: float = 0.0,
     ):
-        """Parameters:
-
-        study: Optuna study name; re-running with the same name resumes the campaign.
-        storage: study storage URL without a password; "" = $OPTUNA_STORAGE from the datadream-secrets Secret.
-        trials: finished trials the campaign should reach, all workers together.
-        workers: GPU worker tasks running trials at once.
-        run_best: after the search, run the datadream pipeline with the best settings and register it.
-        config: YAML overrides layered on the preset, including the search (tune.search, tune.space,
-            tune.fidelity, tune.pruner).
-        register_name: MLflow registry prefix; the campaign is tracked in experiment <register_name>-tune;
-            "" = no MLflow.
-        The others are the datadream pipeline's parameters, for the trials and the final run.
-        """
+        """A search campaign over LoRA rank and learning rate, then optionally a run with the best settings."""
         prep = on_cpu(ops.tune_prepare(dataset=dataset, shots=shots, seed=seed, mode=mode, sd_model=sd_model,
                                        clip_model=clip_model, clip_pretrained=clip_pretrained, study=study,
                                        storage=storage, workers=workers, register_name=register_name,

@@ -98,6 +98,9 @@ def test_caching_and_parameter_defaults(ir):
         "clip_model": "ViT-B-16", "clip_pretrained": "openai", "preset": "paper", "config": "",
         "register_name": "datadream", "promote_margin": 0.0, "promote_floor": 0.0}
     assert "token" not in json.dumps(params).lower() and "secret" not in json.dumps(params).lower()
+    # The Kubeflow UI shows each parameter's description from the IR (the pipeline's "Args:" docstring).
+    assert params["mode"]["description"].startswith('"class": one Stable Diffusion LoRA adapter per class')
+    assert all(len(p.get("description", "")) > 20 for p in params.values()), params
 
 
 def test_compile_is_deterministic_and_takes_cluster_settings(tmp_path, ir):

@@ -36,6 +36,9 @@ def test_workers_on_gpus_and_the_best_run_nested(ir):
     assert "OPTUNA_STORAGE" in {e["envVar"] for e in k8s[worker]["secretAsEnv"][0]["keyToEnv"]}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["storage"]["defaultValue"] == "" and params["workers"]["defaultValue"] == 2
+    assert params["trials"]["description"].startswith("Finished trials the campaign should reach")
+    assert params["shots"]["description"].startswith("Real images per class")  # the datadream pipeline's
+    assert all(p.get("description") for p in params.values())
     for name in ("tune-prepare", "tune-worker", "tune-best"):
         assert tasks[name]["cachingOptions"] == {}, name  # never replayed from cache: the study is outside KFP
 
