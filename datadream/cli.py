@@ -22,10 +22,85 @@ log = logging.getLogger("datadream")
 def _config_args(p: argparse.ArgumentParser, default_preset: str = "paper") -> None:
     g = p.add_argument_group("configuration (applied in this order)")
     g.add_argument("--preset", default=default_preset, choices=("paper", "tiny"),
-                   help=f"base settings: paper (REFERENCE.md) or tiny (CPU, seconds); default {default_preset}")
+                   help=f"base settings: paper (the paper's, docs/method.md) or tiny (CPU, seconds); "
+                   f"default {default_preset}")
     g.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file layered on the preset")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="override one setting, e.g. --set adapt.rank=8")
+
+
+# Stage subcommands: (one-line help, description, example, the marker file the stage writes last).
+# tests/test_cli.py checks each marker against the stage module's own constant.
+_STAGES = {
+    "fewshot": (
+        "sample k real images per class; write train/val/test manifests",
+        "Pick --shots real training images per class with --seed (validated: corrupt, truncated or "
+        "oversized images are rejected with a reason), and write the train/val/test manifests with a "
+        "sha256 per image, the class list and the rejected files.",
+        "datadream fewshot --dataset DATA --shots 16 --seed 1 --out fs",
+        "fewshot.json"),
+    "adapt": (
+        "LoRA fine-tuning of Stable Diffusion on the few-shot images",
+        "Train LoRA adapters of Stable Diffusion's UNet and text encoder on the few-shot images: one per "
+        "class (--mode class, optionally one shard of the classes) or one for the whole dataset (--mode "
+        "dataset). Checkpoints are published atomically; a killed run resumes from the newest one.",
+        "datadream adapt --fewshot fs --mode class --shard 0/4 --out ad",
+        "adapter.json"),
+    "generate": (
+        "generate synthetic images per class with the adapters",
+        "Generate generate.images_per_class images per class with each class's adapter; every image's "
+        "seed comes from (seed, class, index), so shards and resumed runs make the same images.",
+        "datadream generate --fewshot fs --adapters ad --shard 0/4 --out syn",
+        "generate.json"),
+    "classify": (
+        "train the CLIP LoRA classifier (epoch chosen on val)",
+        "Fine-tune CLIP with LoRA on synthetic images, synthetic+real or the real shots, with a head of "
+        "class text embeddings; the epoch with the best val top-1 is kept (epoch 0 = zero-shot).",
+        "datadream classify --fewshot fs --synthetic syn --train-on synthetic+real --out clf",
+        "classifier.json"),
+    "evaluate": (
+        "top-1/top-5, per-class accuracy and confusion matrix on a split",
+        "Evaluate a classifier on the test (or val) split: top-1, top-5, per-class accuracy and the "
+        "confusion matrix (confusion.csv); prints top1, top5 and n as one JSON line.",
+        "datadream evaluate --fewshot fs --classifier clf --out ev",
+        "metrics.json"),
+}
+
+
+def _stage_parser(sub, name: str) -> argparse.ArgumentParser:
+    summary, description, example, marker = _STAGES[name]
+    epilog = (f"example:\n  {example}\n\nwrites {marker} last: a folder without it is incomplete; re-running a "
+              "finished stage\nwith the same inputs does nothing, an interrupted one resumes.")
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _global_flags(p: argparse.ArgumentParser, top: bool) -> None:
+    # Below the top level the default is SUPPRESS, so a flag given before the subcommand is not reset.
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; stream every pipeline task's output",
+                   **default)
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress bars",
+                   **default)
+
+
+def _add_global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-q/-v on every subcommand too, so `datadream fewshot -q …` works like `datadream -q fewshot …`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                _global_flags(sub, top=False)
+                _add_global_flags_everywhere(sub)
 
 
 def _load(args, extra: Sequence[str] = ()):
@@ -41,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LoRA, then train a CLIP LoRA classifier on it.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    _global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="make the demo dataset and run the pipeline on the tiny preset, both modes")
@@ -58,38 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
 
-    p = sub.add_parser("fewshot", help="sample k real images per class; write train/val/test manifests")
+    p = _stage_parser(sub, "fewshot")
     p.add_argument("--dataset", required=True, help="dataset folder (or s3:// prefix) in the --dataset-format layout; "
                    "ImageFolder: DIR/<class>/<img> or DIR/{train,val,test}/…")
     p.add_argument("--dataset-format", help="data.format: imagefolder (default), imagenet, caltech101, dtd, eurosat, "
                    "fgvc_aircraft, food101, flowers102, oxford_pets, stanford_cars, sun397 (datadream/data/formats.py)")
-    p.add_argument("--shots", type=int, help="images per class (fewshot.shots)")
+    p.add_argument("--shots", type=_positive_int, help="images per class (fewshot.shots)")
     p.add_argument("--seed", type=int, help="sampling seed (fewshot.seed)")
     p.add_argument("--out", required=True, help="output folder (a FewShotSet)")
     _config_args(p)
 
-    p = sub.add_parser("adapt", help="LoRA fine-tuning of Stable Diffusion on the few-shot images")
+    p = _stage_parser(sub, "adapt")
     p.add_argument("--fewshot", required=True, help="a fewshot output folder")
     p.add_argument("--mode", choices=("class", "dataset"), help="adapt.mode: one adapter per class or one for all")
     p.add_argument("--shard", help="only classes I, I+N, … of shard I/N (class-wise fan-out)")
     p.add_argument("--out", required=True, help="output folder (Adapters)")
     _config_args(p)
 
-    p = sub.add_parser("generate", help="generate synthetic images per class with the adapters")
+    p = _stage_parser(sub, "generate")
     p.add_argument("--fewshot", required=True, help="a fewshot output folder (classes)")
     p.add_argument("--adapters", required=True, help="an adapt output folder")
     p.add_argument("--shard", help="only classes I, I+N, … of shard I/N")
     p.add_argument("--out", required=True, help="output folder (SyntheticSet)")
     _config_args(p)
 
-    p = sub.add_parser("classify", help="train the CLIP LoRA classifier (epoch chosen on val)")
+    p = _stage_parser(sub, "classify")
     p.add_argument("--fewshot", required=True, help="a fewshot output folder (real shots, val split)")
     p.add_argument("--synthetic", help="a generate output folder (needed unless --train-on real)")
     p.add_argument("--train-on", choices=("synthetic", "synthetic+real", "real"), help="classify.train_on")
     p.add_argument("--out", required=True, help="output folder (Classifier)")
     _config_args(p)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion matrix on a split")
+    p = _stage_parser(sub, "evaluate")
     p.add_argument("--fewshot", required=True, help="a fewshot output folder")
     p.add_argument("--classifier", required=True, help="a classify output folder")
     p.add_argument("--split", default="test", choices=("test", "val"), help="which split (default test)")
@@ -100,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry_cli.add_parser(sub)
     tune_cli.add_parser(sub, lambda a: _config_args(a, default_preset="tiny"))
+    _add_global_flags_everywhere(parser)
     return parser
 
 
@@ -215,10 +290,19 @@ def run_pipeline_command(args) -> None:
     from pipelines.pipeline import compile_pipeline, run_local
 
     if args.action == "compile":
-        out = compile_pipeline(args.output, _cluster_settings(args), name=args.pipeline)
-        if args.param:  # validate against the compiled signature, then bake the defaults in
-            params = kfp_client.parse_params(args.param, out)
-            compile_pipeline(args.output, _cluster_settings(args), parameters=params, name=args.pipeline)
+        settings = _cluster_settings(args)
+        out = Path(args.output)
+        if out.suffix not in (".yaml", ".yml"):
+            raise UserError(f"--output {args.output}: expected a .yaml file name")
+        tmp_out = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+        try:  # atomic: a bad --param or a failed compile leaves no YAML, and an old one stays whole
+            compile_pipeline(tmp_out, settings, name=args.pipeline)
+            if args.param:  # validate against the compiled signature, then bake the defaults in
+                params = kfp_client.parse_params(args.param, tmp_out)
+                compile_pipeline(tmp_out, settings, parameters=params, name=args.pipeline)
+            os.replace(tmp_out, out)
+        finally:
+            tmp_out.unlink(missing_ok=True)
         sys.stdout.write(f"{args.output}\n")
         return
     if args.action == "run":
@@ -228,11 +312,11 @@ def run_pipeline_command(args) -> None:
         run_dir = run_local(args.root, {**defaults, **params}, name=args.pipeline)
         sys.stdout.write(f"{run_dir}\n")
         return
+    if args.action == "schedule":
+        kfp_client.validate_cron(args.cron)  # before compiling or any network call
     with tempfile.TemporaryDirectory() as tmp:
         package = _package(args, tmp)
         params = kfp_client.parse_params(getattr(args, "param", []), package)
-        if args.action == "schedule":
-            kfp_client.validate_cron(args.cron)  # before any network call
         client = kfp_client.connect(args.host, token=args.token, namespace=args.namespace)
         if args.action == "upload":
             version = kfp_client.version_name(__version__, git_sha(Path(__file__).parent))
@@ -262,16 +346,10 @@ def _setup_logging(args) -> None:
         # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that.
         root.addFilter(_warnings_only)
     # The libraries' own chatter would drown ours; keep their warnings (and kfp.local's task log unless -q).
+    # Setting a logger's level imports nothing: diffusers and transformers load only in the stages that
+    # use them (datadream.models.sd turns their loading bars off then).
     for name in ("diffusers", "transformers", *(("kfp",) if args.quiet else ())):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
 
 
 def run_command(args) -> None:

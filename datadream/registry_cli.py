@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from datadream import registry
 from datadream.errors import UserError
 
+# registry.KINDS, spelled out so that building the parser (every `datadream …` command) does not
+# import mlflow (~2 s); tests/test_cli.py checks the two agree.
+KINDS = ("classifier", "adapters")
 _TABLE_METRICS = ("test_top1", "test_top5", "test_mean_per_class")
 _NAME_HELP = "registry name: the models are NAME-classifier and NAME-sd-lora"
 
@@ -22,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     common.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking (and registry) URI, e.g. http://mlflow:5000 or "
                         "sqlite:///mlflow.db; default $MLFLOW_TRACKING_URI (one of the two is required)")
-    common.add_argument("--kind", choices=registry.KINDS, default="classifier",
+    common.add_argument("--kind", choices=KINDS, default="classifier",
                         help="which registered model: the classifier (NAME-classifier, default) or the "
                         "SD adapters (NAME-sd-lora)")
 
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise UserError("registry: no tracking URI; pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    from datadream import registry
+
     model = registry.registered_name(args.name, args.kind)
     if args.registry_command == "list":
         rows = registry.list_versions(args.name, kind=args.kind, tracking_uri=tracking_uri)

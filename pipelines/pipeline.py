@@ -239,7 +239,7 @@ def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings 
     package_path = Path(package_path)
     package_path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_function(name, settings), str(package_path), pipeline_parameters=parameters)
-    log.info("compiled %s -> %s", name, package_path)
+    log.debug("compiled %s -> %s", name, package_path)
     return package_path
 
 

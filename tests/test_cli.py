@@ -134,3 +134,80 @@ def test_pipeline_actions_have_help(action, capsys):
     with pytest.raises(SystemExit) as e:
         main(["pipeline", action, "--help"])
     assert e.value.code == 0 and f"usage: datadream pipeline {action}" in capsys.readouterr().out
+
+
+def test_global_flags_before_or_after_the_subcommand():
+    parser = build_parser()
+    base = ["--dataset", "d", "--out", "o"]
+    assert parser.parse_args(["fewshot", *base]).quiet is False
+    assert parser.parse_args(["-q", "fewshot", *base]).quiet is True
+    assert parser.parse_args(["fewshot", "-q", *base]).quiet is True
+    assert parser.parse_args(["fewshot", *base, "--verbose"]).verbose is True
+    assert parser.parse_args(["-v", "fewshot", *base]).verbose is True
+    # nested actions too
+    assert parser.parse_args(["registry", "list", "NAME", "-q"]).quiet is True
+    assert parser.parse_args(["pipeline", "run", "--local", "-v"]).verbose is True
+
+
+def test_stage_help_has_description_example_and_marker(capsys):
+    from datadream.stages import adapt, classify, evaluate, fewshot, generate
+
+    markers = {"fewshot": fewshot.MARKER, "adapt": adapt.MARKER, "generate": generate.MARKER,
+               "classify": classify.MARKER, "evaluate": evaluate.METRICS}
+    for stage, marker in markers.items():
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        out = capsys.readouterr().out
+        description = out.split("\n\n")[1]  # after the usage block
+        assert not description.lstrip().startswith(("options:", "-")), out
+        assert f"example:\n  datadream {stage} --" in out
+        assert f"writes {marker} last" in out
+
+
+def test_shots_must_be_positive_and_the_error_names_it(capsys):
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as e:
+            main(["fewshot", "--dataset", "d", "--out", "o", "--shots", bad])
+        assert e.value.code == 2
+        assert "argument --shots: expected a positive integer" in capsys.readouterr().err
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    # What makes `datadream --help` and usage errors take seconds: importing these.
+    code = ("import sys; from datadream.cli import build_parser; build_parser().parse_args(['registry', 'list', 'x']); "
+            "print(' '.join(m for m in ('mlflow', 'torch', 'diffusers', 'transformers', 'kfp', 'open_clip', "
+            "'optuna', 'boto3') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""
+
+
+def test_registry_kinds_match_the_registry():
+    from datadream import registry, registry_cli
+
+    assert registry_cli.KINDS == registry.KINDS
+
+
+def test_compile_with_a_bad_param_leaves_no_yaml(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "-o", str(out), "--param", "shotz=3"]) == 2
+    assert "--param shotz" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+    out.write_text("old\n")  # a failed compile keeps an existing file whole
+    assert main(["pipeline", "compile", "-o", str(out), "--param", "shots=many"]) == 2
+    assert "--param shots=many" in _error_line(capsys)
+    assert out.read_text() == "old\n" and list(tmp_path.iterdir()) == [out]
+    assert main(["pipeline", "compile", "-o", str(out), "--param", "shots=3"]) == 0
+    assert "shots" in out.read_text() and list(tmp_path.iterdir()) == [out]
+    assert main(["pipeline", "compile", "-o", str(tmp_path / "p.json")]) == 2
+    assert "expected a .yaml file name" in _error_line(capsys)
+
+
+def test_schedule_checks_cron_before_compiling(monkeypatch, capsys):
+    import pipelines.pipeline
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before checking --cron")
+
+    monkeypatch.setattr(pipelines.pipeline, "compile_pipeline", no_compile)
+    assert main(["pipeline", "schedule", "--host", "http://127.0.0.1:9", "--cron", "0 3 * * 1"]) == 2
+    assert "--cron '0 3 * * 1'" in _error_line(capsys)

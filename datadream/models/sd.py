@@ -195,10 +195,21 @@ def resolve_sd(models: ModelsConfig) -> str:
     return spec  # a Hugging Face id
 
 
+def _no_loading_bars() -> None:
+    """diffusers' and transformers' per-component loading bars say nothing a log needs; off."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_sd_components(models: ModelsConfig):
     """tokenizer, text_encoder, vae, unet, noise_scheduler for training (fp32, CPU)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    _no_loading_bars()
 
     src = resolve_sd(models)
     kw = {"revision": models.sd_revision} if models.sd_revision else {}
@@ -214,6 +225,7 @@ def load_sd_components(models: ModelsConfig):
 def load_sd_pipeline(models: ModelsConfig, dtype=None):
     from diffusers import StableDiffusionPipeline
 
+    _no_loading_bars()
     src = resolve_sd(models)
     kw = {"revision": models.sd_revision} if models.sd_revision else {}
     if dtype is not None:
