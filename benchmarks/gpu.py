@@ -13,7 +13,7 @@ the procedural demo dataset with the paper's architectures at random init: SD 2.
 
 Generation is compared in the same run with the reference code's way (a fresh pipeline and LoRA per
 class, batch 10, fp16). From the figures it estimates GPU-hours for a full 16-shot run of each of the
-paper's ten datasets (../shared/REFERENCE.md): 400 adapt steps × classes / steps/s + 500 images × classes
+paper's ten datasets (docs/method.md): 400 adapt steps × classes / steps/s + 500 images × classes
 / images/s + 60 classify epochs × 500 images × classes / images/s.
 
 Speed options are flags (`--compile`, `--channels-last`, `--attention`, `--gen-batch`); `--try-all`
@@ -69,7 +69,7 @@ log = logging.getLogger("benchmarks.gpu")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# The paper's ten datasets and their class counts (../shared/REFERENCE.md, "Datasets").
+# The paper's ten datasets and their class counts (docs/method.md, "Datasets").
 PAPER_DATASETS: dict[str, int] = {
     "ImageNet": 1000,
     "Caltech101": 100,
@@ -83,8 +83,8 @@ PAPER_DATASETS: dict[str, int] = {
     "SUN397": 397,
 }
 
-# A full 16-shot run per class (REFERENCE.md): 200 epochs × ceil(16 / 8) = 400 SD LoRA steps; 500 images
-# at 50 steps, guidance 2.0; CLIP trained 60 epochs (configs/paper.yaml) on the 500·N synthetic images.
+# A full 16-shot run per class (docs/method.md): 200 epochs × ceil(16 / 8) = 400 SD LoRA steps; 500 images
+# at 50 steps, guidance 2.0; CLIP trained 60 epochs (datadream/presets/paper.yaml) on the 500·N synthetic images.
 PAPER_WORKLOAD = {"adapt_steps_per_class": 400, "images_per_class": 500, "classify_epochs": 60}
 
 PRESETS: dict[str, dict[str, Any]] = {

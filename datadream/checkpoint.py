@@ -1,4 +1,4 @@
-"""Resumable checkpoints, published atomically (reliability-security.md A2.5).
+"""Resumable checkpoints, published atomically.
 
 A checkpoint is a folder `ckpt-<step>/` holding `weights.safetensors` (trainable tensors),
 `state.pt` (optimizer and scheduler state: tensors and numbers only, read back with

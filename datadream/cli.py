@@ -21,9 +21,12 @@ log = logging.getLogger("datadream")
 
 def _config_args(p: argparse.ArgumentParser, default_preset: str = "paper") -> None:
     g = p.add_argument_group("configuration (applied in this order)")
-    g.add_argument("--preset", default=default_preset, choices=("paper", "tiny"),
-                   help=f"base settings: paper (the paper's, docs/method.md) or tiny (CPU, seconds); "
-                   f"default {default_preset}")
+    from datadream import presets
+
+    g.add_argument("--preset", default=default_preset, choices=presets.names(), metavar="NAME",
+                   help="base settings: paper (the paper's, docs/method.md), tiny (CPU, seconds) or "
+                   f"paper/DATASET (the paper's plus a dataset's layout and domain word: "
+                   f"{', '.join(n.split('/')[1] for n in presets.names() if '/' in n)}); default {default_preset}")
     g.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file layered on the preset")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="override one setting, e.g. --set adapt.rank=8")

@@ -1,8 +1,9 @@
 """Typed configuration: one section per stage, YAML files, `--set section.key=value` overrides.
 
 The defaults of every field are the paper's settings (ExplainableML/DataDream, ECCV 2024), each
-citing `REFERENCE.md` (../shared/REFERENCE.md) in its description; `configs/paper.yaml` spells
-them out and a test keeps the two equal. `configs/tiny.yaml` is the CPU preset.
+citing its source in its description (docs/method.md lists them); the `paper` preset
+(datadream/presets/paper.yaml) spells them out and a test keeps the two equal. `tiny` is the CPU
+preset; `paper/<dataset>` adds one of the paper's datasets (datadream/presets/__init__.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from datadream import presets
 from datadream.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("paper", "tiny")
+CONFIG_DIR = presets.DIR  # the preset YAML files, package data
 
 
 class Section(BaseModel):
@@ -24,7 +25,7 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    seed: int = Field(1, description="Master seed for training and generation (REFERENCE.md: seeds 1, 5, 10).")
+    seed: int = Field(1, description="Master seed for training and generation (docs/method.md: seeds 1, 5, 10).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
@@ -38,17 +39,17 @@ class DataConfig(Section):
     ] = Field(
         "imagefolder",
         description="On-disk layout of --dataset: imagefolder, or one of the paper's ten datasets as downloaded, "
-        "using CoOp's split_zhou_*.json when present, else the official split files (REFERENCE.md, Datasets and "
-        "Stage 0; layouts in datadream/data/formats.py). It does not set data.domain: configs/paper/<dataset>.yaml "
-        "sets both.",
+        "using CoOp's split_zhou_*.json when present, else the official split files (docs/method.md, Datasets and "
+        "Stage 0; layouts in datadream/data/formats.py). It does not set data.domain: the presets "
+        "paper/<dataset> set both.",
     )
     domain: str = Field(
         "",
-        description="Domain word put in prompts, e.g. 'texture' for DTD (REFERENCE.md, Datasets). Empty for none.",
+        description="Domain word put in prompts, e.g. 'texture' for DTD (docs/method.md, Datasets). Empty for none.",
     )
     template: str = Field(
         "a {domain}photo of a {name}",
-        description="Prompt template; {domain} is the domain word plus a space (REFERENCE.md, Stage 1: prompt).",
+        description="Prompt template; {domain} is the domain word plus a space (docs/method.md, Stage 1: prompt).",
     )
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Per-class share held out as val when the dataset has no val split."
@@ -70,16 +71,16 @@ class ModelsConfig(Section):
     sd: str = Field(
         "stabilityai/stable-diffusion-2-1-base",
         description="Stable Diffusion: a Hugging Face id, a diffusers folder (local or s3://), 'tiny' (CPU preset) or "
-        "'sd21-base-random' (SD 2.1 base architecture at random init, for benchmarks) (REFERENCE.md, Stage 1).",
+        "'sd21-base-random' (SD 2.1 base architecture at random init, for benchmarks) (docs/method.md, Stage 1).",
     )
     sd_revision: str | None = Field(None, description="Pinned revision (commit sha) of the SD model on the Hub.")
     clip: str = Field(
         "ViT-B-16",
-        description="open_clip model name, 'local-dir:<folder or s3://…>', or 'tiny' (REFERENCE.md, Stage 3: "
+        description="open_clip model name, 'local-dir:<folder or s3://…>', or 'tiny' (docs/method.md, Stage 3: "
         "ViT-B/16).",
     )
     clip_pretrained: str | None = Field(
-        "openai", description="open_clip pretrained tag or a weights file, local or s3:// (REFERENCE.md, Stage 3: "
+        "openai", description="open_clip pretrained tag or a weights file, local or s3:// (docs/method.md, Stage 3: "
         "openai)."
     )
     cache_dir: str | None = Field(
@@ -88,44 +89,44 @@ class ModelsConfig(Section):
 
 
 class FewShotConfig(Section):
-    shots: int = Field(16, ge=1, description="Real images per class, k (REFERENCE.md, Stage 0: 16 is headline).")
-    seed: int = Field(1, description="Sampling seed (REFERENCE.md, Stage 0: seeds 1, 5, 10).")
+    shots: int = Field(16, ge=1, description="Real images per class, k (docs/method.md, Stage 0: 16 is headline).")
+    seed: int = Field(1, description="Sampling seed (docs/method.md, Stage 0: seeds 1, 5, 10).")
 
 
 class AdaptConfig(Section):
     mode: Literal["class", "dataset"] = Field(
-        "class", description="class = one LoRA per class; dataset = one LoRA on all classes (REFERENCE.md, Stage 1)."
+        "class", description="class = one LoRA per class; dataset = one LoRA on all classes (docs/method.md, Stage 1)."
     )
-    rank: int = Field(16, ge=1, description="LoRA rank (REFERENCE.md, Stage 1: 16).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale = alpha/rank (REFERENCE.md, Stage 1: 16).")
+    rank: int = Field(16, ge=1, description="LoRA rank (docs/method.md, Stage 1: 16).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale = alpha/rank (docs/method.md, Stage 1: 16).")
     unet_targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention projections (REFERENCE.md, Stage 1)."
+        ["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention projections (docs/method.md, Stage 1)."
     )
-    train_text_encoder: bool = Field(True, description="LoRA on the text encoder too (REFERENCE.md, Stage 1: on).")
+    train_text_encoder: bool = Field(True, description="LoRA on the text encoder too (docs/method.md, Stage 1: on).")
     text_targets: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text encoder projections (REFERENCE.md, Stage 1)."
+        ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text encoder projections (docs/method.md, Stage 1)."
     )
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (REFERENCE.md, Stage 1: 1e-4).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (REFERENCE.md, Stage 1).")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (REFERENCE.md, Stage 1: 1e-2).")
-    eps: float = Field(1e-8, gt=0, description="AdamW eps (REFERENCE.md, Stage 1: 1e-8).")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (REFERENCE.md, Stage 1: 1.0).")
-    warmup_steps: int = Field(100, ge=0, description="Cosine schedule warm-up steps (REFERENCE.md, Stage 1: 100).")
-    epochs: int = Field(200, ge=1, description="Epochs over the adapter's images (REFERENCE.md, Stage 1: 200).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (docs/method.md, Stage 1: 1e-4).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (docs/method.md, Stage 1).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (docs/method.md, Stage 1: 1e-2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps (docs/method.md, Stage 1: 1e-8).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (docs/method.md, Stage 1: 1.0).")
+    warmup_steps: int = Field(100, ge=0, description="Cosine schedule warm-up steps (docs/method.md, Stage 1: 100).")
+    epochs: int = Field(200, ge=1, description="Epochs over the adapter's images (docs/method.md, Stage 1: 200).")
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (search fidelity); None = epochs.")
-    batch_size: int = Field(8, ge=1, description="Images per step (REFERENCE.md, Stage 1: 8).")
+    batch_size: int = Field(8, ge=1, description="Images per step (docs/method.md, Stage 1: 8).")
     resolution: int | None = Field(
-        512, ge=8, description="Training resolution in px (REFERENCE.md, Stage 1: 512); None = the model's own."
+        512, ge=8, description="Training resolution in px (docs/method.md, Stage 1: 512); None = the model's own."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
     checkpoint_every: int = Field(100, ge=1, description="Publish a resumable checkpoint every N steps.")
 
 
 class GenerateConfig(Section):
-    images_per_class: int = Field(500, ge=1, description="Synthetic images per class (REFERENCE.md, Stage 2: 500).")
-    guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance (REFERENCE.md, Stage 2: 2.0).")
-    steps: int = Field(50, ge=1, description="Denoising steps with the model's scheduler (REFERENCE.md, Stage 2: 50).")
-    lora_scale: float = Field(1.0, ge=0, description="Adapter scale at inference (REFERENCE.md, Stage 2: 1.0).")
+    images_per_class: int = Field(500, ge=1, description="Synthetic images per class (docs/method.md, Stage 2: 500).")
+    guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance (docs/method.md, Stage 2: 2.0).")
+    steps: int = Field(50, ge=1, description="Denoising steps, model's scheduler (docs/method.md, Stage 2: 50).")
+    lora_scale: float = Field(1.0, ge=0, description="Adapter scale at inference (docs/method.md, Stage 2: 1.0).")
     batch_size: int = Field(10, ge=1, description="Images per pipeline call (tune to the GPU's memory).")
     resolution: int | None = Field(
         None, ge=8, description="Output size in px; None = the model's own (512 for SD 2.1 base)."
@@ -136,31 +137,31 @@ class ClassifyConfig(Section):
     train_on: Literal["synthetic", "synthetic+real", "real"] = Field(
         "synthetic", description="Training data: synthetic only, synthetic plus the real shots, or real only."
     )
-    rank: int = Field(16, ge=1, description="CLIP LoRA rank (REFERENCE.md, Stage 3: 16).")
-    alpha: float = Field(32.0, gt=0, description="CLIP LoRA alpha (REFERENCE.md, Stage 3: 32).")
+    rank: int = Field(16, ge=1, description="CLIP LoRA rank (docs/method.md, Stage 3: 16).")
+    alpha: float = Field(32.0, gt=0, description="CLIP LoRA alpha (docs/method.md, Stage 3: 32).")
     dropout: float = Field(
         0.1, ge=0, lt=1,
-        description="LoRA dropout (REFERENCE.md, Stage 3: 0.1). Not applied with targets='attn': peft's "
+        description="LoRA dropout (docs/method.md, Stage 3: 0.1). Not applied with targets='attn': peft's "
         "LoRA on nn.MultiheadAttention acts through merged weights, so lora_dropout has no effect "
         "(peft 0.21.2).",
     )
     targets: Literal["attn"] = Field(
         "attn",
         description="LoRA on every attention block of both towers: peft wraps nn.MultiheadAttention, adapting "
-        "the fused q,k,v projection and out_proj (REFERENCE.md, Stage 3 note on open_clip 3.3).",
+        "the fused q,k,v projection and out_proj (docs/method.md, Stage 3 note on open_clip 3.3).",
     )
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (REFERENCE.md, Stage 3: 1e-4).")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (REFERENCE.md, Stage 3: 1e-4).")
-    min_lr: float = Field(1e-8, ge=0, description="Cosine schedule floor (REFERENCE.md, Stage 3: 1e-8).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (docs/method.md, Stage 3: 1e-4).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (docs/method.md, Stage 3: 1e-4).")
+    min_lr: float = Field(1e-8, ge=0, description="Cosine schedule floor (docs/method.md, Stage 3: 1e-8).")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
-    epochs: int = Field(60, ge=0, description="Epochs; 0 = zero-shot (REFERENCE.md, Stage 3: 60, LoFT).")
-    batch_size: int = Field(64, ge=1, description="Images per step (REFERENCE.md, Stage 3: 64).")
+    epochs: int = Field(60, ge=0, description="Epochs; 0 = zero-shot (docs/method.md, Stage 3: 60, LoFT).")
+    batch_size: int = Field(64, ge=1, description="Images per step (docs/method.md, Stage 3: 64).")
     real_weight: float = Field(
-        0.8, ge=0, le=1, description="Loss weight of real images in synthetic+real (REFERENCE.md, Stage 3: 0.8)."
+        0.8, ge=0, le=1, description="Loss weight of real images in synthetic+real (docs/method.md, Stage 3: 0.8)."
     )
-    augment: bool = Field(True, description="REFERENCE.md, Stage 3 augmentations (RandAugment … solarize).")
-    mix_p: float = Field(0.2, ge=0, le=1, description="Probability of Mixup/CutMix on a batch (REFERENCE.md: 0.2).")
-    logit_scale: float = Field(100.0, gt=0, description="logits = scale·cos (REFERENCE.md, Stage 3: 100).")
+    augment: bool = Field(True, description="docs/method.md, Stage 3 augmentations (RandAugment … solarize).")
+    mix_p: float = Field(0.2, ge=0, le=1, description="Probability of Mixup/CutMix on a batch (docs/method.md: 0.2).")
+    logit_scale: float = Field(100.0, gt=0, description="logits = scale·cos (docs/method.md, Stage 3: 100).")
     val_every: int = Field(1, ge=1, description="Evaluate on val (for epoch selection) every N epochs.")
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes.")
 
@@ -322,10 +323,12 @@ def _parse_yaml(text: str, source: str) -> dict:
     return data
 
 
-def preset_path(name: str) -> Path:
-    if name not in PRESETS:
-        raise UserError(f"--preset {name!r}: unknown preset; expected one of {', '.join(PRESETS)}")
-    return CONFIG_DIR / f"{name}.yaml"
+def preset_files(name: str) -> list[Path]:
+    """The YAML files of a preset, base first; an unknown name is a UserError listing the known ones."""
+    try:
+        return presets.files(name)
+    except KeyError:
+        raise UserError(f"--preset {name!r}: unknown preset; expected one of {', '.join(presets.names())}") from None
 
 
 def parse_override(text: str) -> dict:
@@ -380,7 +383,7 @@ def load_config(
     """
     layers: list[tuple[str, dict]] = []
     if preset:
-        layers.append((f"preset {preset} ({preset_path(preset)})", _read_yaml(preset_path(preset))))
+        layers += [(f"preset {preset} ({path})", _read_yaml(path)) for path in preset_files(preset)]
     layers += [(f"config file {f}", _read_yaml(Path(f))) for f in files]
     if text.strip():
         layers.append(("inline config", _parse_yaml(text, "inline config")))

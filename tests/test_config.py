@@ -8,7 +8,7 @@ from datadream.errors import UserError
 
 
 def test_paper_yaml_spells_out_the_defaults():
-    # configs/paper.yaml documents every paper value with its source; it must not drift from the code.
+    # datadream/presets/paper.yaml documents every paper value with its source; it must not drift from the code.
     assert load_config("paper") == Config()
     assert yaml.safe_load((CONFIG_DIR / "paper.yaml").read_text()) == Config().to_dict()
 
@@ -91,3 +91,36 @@ def test_inline_yaml_layer():
         load_config("tiny", text="adapt:\n  x: 1\n")
     with pytest.raises(UserError, match=r"inline config: expected a mapping"):
         load_config("tiny", text="- a\n- b\n")
+
+
+def test_presets_by_name_and_dataset_presets_layer_on_paper():
+    from datadream import presets
+
+    names = presets.names()
+    assert names[:2] == ["paper", "tiny"] and "paper/flowers102" in names and len(names) == 12
+    dtd = load_config("paper/dtd")
+    assert (dtd.data.format, dtd.data.domain) == ("dtd", "texture")
+    assert dtd.adapt == Config().adapt  # the rest is the paper preset
+    with pytest.raises(UserError, match=r"--preset 'papr': unknown preset; expected one of paper, tiny, paper/"):
+        load_config("papr")
+
+
+def test_presets_ship_in_the_wheel(tmp_path):
+    # An installed wheel (pip install, the container image) has the presets: they are package data.
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "datadream", "components", "pipelines"):  # setuptools writes build/
+        copy = shutil.copytree if (root / name).is_dir() else shutil.copy
+        copy(root / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree
+                                           else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("datadream-*.whl"))
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("datadream/presets/")}
+    in_tree = {f"datadream/presets/{p.relative_to(CONFIG_DIR).as_posix()}" for p in CONFIG_DIR.rglob("*.yaml")}
+    assert in_tree and in_tree <= shipped

@@ -310,12 +310,9 @@ def test_gpu_image_python_and_config_presets_match_the_package():
     arg = next(a for op, a in instructions(GPU) if op == "ARG" and a.startswith("PYTHON_VERSION="))
     python = arg.split("=", 1)[1]
     assert Requirement(f"python{PYPROJECT['project']['requires-python']}").specifier.contains(python)
-    # datadream.config reads its presets beside the package; installed, that is site-packages/configs
-    expected = Path(config.__file__).resolve().parent.parent / "configs"
-    assert expected == config.CONFIG_DIR, "configs/ moved: update the COPY of configs in docker/Dockerfile"
-    minor = ".".join(python.split(".")[:2])
-    dests = {dest for sources, dest, _ in copies(GPU) if sources == ["configs"]}
-    assert dests == {f"/opt/venv/lib/python{minor}/site-packages/configs"}
+    # The presets are package data inside datadream/ (installed with it); nothing copies them by hand.
+    assert config.CONFIG_DIR.parent == Path(config.__file__).resolve().parent
+    assert not [dest for _, dest, _ in copies(GPU) if "configs" in dest or "presets" in dest]
     copied = {src for sources, _, from_stage in copies(GPU) if not from_stage for src in sources}
     packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     for pkg in packages:
@@ -437,5 +434,5 @@ def test_dockerignore_keeps_environments_caches_weights_runs_and_secrets_out():
                  "configs/.env", "benchmarks/results/a.json"):
         assert dockerignored(path), f".dockerignore lets {path} into the build context"
     for path in ("pyproject.toml", "README.md", "datadream/cli.py", "components/stages.py", "pipelines/pipeline.py",
-                 "configs/paper.yaml", "docker/requirements.lock", "docker/mlflow/requirements.lock"):
+                 "datadream/presets/paper.yaml", "docker/requirements.lock", "docker/mlflow/requirements.lock"):
         assert not dockerignored(path), f".dockerignore drops {path}, which the images need"

@@ -21,7 +21,7 @@ TF = ROOT / "infra" / "terraform"
 TF_FILES = sorted(TF.rglob("*.tf"))
 
 # kfp SDK major.minor -> Kubeflow Pipelines standalone manifests major.minor (the backend release line that the
-# SDK is built against; see ../shared/notes/kfp-mlflow-optuna.md §5.3 and infra/README.md).
+# SDK is built against; see infra/README.md).
 KFP_SDK_TO_BACKEND = {"2.17": "2.17"}
 
 

@@ -4,10 +4,10 @@
 `scan_imagefolder`. Every path lies under the folder given, so fewshot can mirror an s3:// dataset
 and scan the local copy.
 
-Splits (REFERENCE.md, Stage 0: the paper used the CoOp splits). Where CoOp publishes a
+Splits (docs/method.md, Stage 0: the paper used the CoOp splits). Where CoOp publishes a
 `split_zhou_<Name>.json` ({"train"|"val"|"test": [[relpath, label, classname], ...]}) and it lies in
 the dataset folder, it is used; otherwise the dataset's official split files are. The test split is
-always the dataset's own test split (REFERENCE.md, Stage 3: the reference code evaluated some
+always the dataset's own test split (docs/method.md, Stage 3: the reference code evaluated some
 datasets on train). Val is carved out of train with `data.split_seed` only where no val split exists.
 Caltech101 and EuroSAT have no official split at all: without the CoOp file their test (and val)
 are carved with `data.split_seed` like an ImageFolder without splits, and `carved` says so.
@@ -34,8 +34,8 @@ Accepted layouts (the folder passed as --dataset):
                  root, SUN397/ or Partitions/) [or split_zhou_SUN397.json]; the root may be SUN397/ itself
 
 Display names are human-readable (underscores become spaces; CoOp's class names where CoOp renames).
-`DOMAINS` holds each dataset's domain word (REFERENCE.md, Datasets); it is not applied implicitly:
-configs/paper/<dataset>.yaml sets data.format and data.domain together.
+`DOMAINS` holds each dataset's domain word (docs/method.md, Datasets); it is not applied implicitly:
+datadream/presets/paper/<dataset>.yaml sets data.format and data.domain together.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ from datadream.runtime import derive_seed
 
 log = logging.getLogger(__name__)
 
-# Domain word per dataset (REFERENCE.md, Datasets); "" = none.
+# Domain word per dataset (docs/method.md, Datasets); "" = none.
 DOMAINS: dict[str, str] = {
     "imagefolder": "", "imagenet": "", "caltech101": "", "dtd": "texture", "eurosat": "satellite",
     "fgvc_aircraft": "aircraft", "food101": "food", "flowers102": "flower", "oxford_pets": "pet",
     "stanford_cars": "car", "sun397": "scene",
 }
-# CoOp's split file per dataset (REFERENCE.md, Stage 0).
+# CoOp's split file per dataset (docs/method.md, Stage 0).
 COOP_SPLITS: dict[str, str] = {
     "caltech101": "split_zhou_Caltech101.json", "dtd": "split_zhou_DescribableTextures.json",
     "eurosat": "split_zhou_EuroSAT.json", "food101": "split_zhou_Food101.json",
@@ -511,7 +511,7 @@ def scan(dataset: str | os.PathLike, data: DataConfig) -> DatasetIndex:
     if not root.is_dir():
         raise UserError(f"--dataset {root}: folder not found")
     if not data.domain.strip() and DOMAINS[fmt]:
-        log.info("data.domain is empty; the paper's domain word for %s is %r (configs/paper/%s.yaml sets it)",
+        log.info("data.domain is empty; the paper's domain word for %s is %r (datadream/presets/paper/%s.yaml sets it)",
                  fmt, DOMAINS[fmt], fmt)
     index = FORMATS[fmt](root, data)
     log.info("%s: %d classes, %s images (%s)", fmt, len(index.classes),

@@ -1,7 +1,7 @@
 """ImageFolder datasets: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>`.
 
 Class display names come from an optional `root/classnames.json` ({folder name: display name});
-folder names become slugs, display names go into prompts (REFERENCE.md, Stage 0). A split the
+folder names become slugs, display names go into prompts (docs/method.md, Stage 0). A split the
 dataset lacks (val, test, or both) is carved out of train per class with a fixed seed, so the test
 set is the same for every few-shot seed.
 """

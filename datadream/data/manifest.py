@@ -1,4 +1,4 @@
-"""Manifests: the one list of images every stage reads (REFERENCE.md, Stage 0).
+"""Manifests: the one list of images every stage reads (docs/method.md, Stage 0).
 
 A manifest is JSON Lines, one image per line: path, label, class (slug), sha256, is_real, plus
 free-form extras (prompt, seed, adapter for synthetic images). Paths are stored relative to the
@@ -22,7 +22,7 @@ _SLUG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def slugify(name: str) -> str:
-    """A folder-safe name: display names like 'F/A-18' contain '/' (REFERENCE.md, Stage 0)."""
+    """A folder-safe name: display names like 'F/A-18' contain '/' (docs/method.md, Stage 0)."""
     slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", name.strip()).strip("._")
     return slug or "class"
 

@@ -1,14 +1,14 @@
 """CLIP (open_clip) from a preset name, a `local-dir:` folder or an open_clip name + pretrained tag,
-and the LoRA that the classify stage trains on it (REFERENCE.md, Stage 3).
+and the LoRA that the classify stage trains on it (docs/method.md, Stage 3).
 
 `tiny` builds a small random-init CLIP from the explicit config below and saves it as an open_clip
 folder (`open_clip_config.json` + `open_clip_model.safetensors`), then loads it through the very
 `local-dir:` path users point at their own mirrored weights. Weights are read as safetensors or
-with `weights_only=True` only (reliability-security.md A2.1).
+with `weights_only=True` only.
 
 LoRA: peft wraps every `attn` (nn.MultiheadAttention) module of both towers, adapting the fused
 q,k,v in_proj and out_proj. Targeting `out_proj` alone would be silently ignored by peft, because
-nn.MultiheadAttention never calls out_proj's forward (reliability-security.md A2.7).
+nn.MultiheadAttention never calls out_proj's forward.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from datadream.models import cache_root
 log = logging.getLogger(__name__)
 
 # Small enough for CPU in seconds; both towers are real open_clip transformers whose attention is
-# nn.MultiheadAttention, so LoRA lands where it lands on ViT-B/16 (reliability-security.md A3.5).
+# nn.MultiheadAttention, so LoRA lands where it lands on ViT-B/16.
 # vision heads = width // head_width = 2; vocab_size 49408 is required by the bundled BPE tokenizer.
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 32,

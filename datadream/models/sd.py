@@ -72,7 +72,7 @@ TINY_SD_CONFIG = {
 }
 
 # Stable Diffusion 2.1 base's architecture (its unet/vae/text_encoder config.json), for benchmarks
-# with real sizes at random init where no weights can be downloaded (REFERENCE.md, Stage 1).
+# with real sizes at random init where no weights can be downloaded (docs/method.md, Stage 1).
 SD21_BASE_RANDOM_CONFIG = {
     "unet": {
         "block_out_channels": [320, 640, 1280, 1280],

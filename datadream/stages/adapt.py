@@ -1,7 +1,7 @@
 """Stage 1 — LoRA fine-tuning of Stable Diffusion (UNet and text encoder) on the few-shot images.
 
 Class-wise mode trains one adapter per class, a whole shard of classes in one process with the
-model loaded once; dataset-wise mode trains one adapter on every class. Settings: REFERENCE.md,
+model loaded once; dataset-wise mode trains one adapter on every class. Settings: docs/method.md,
 Stage 1 (AdamW, cosine with warm-up, MSE on the scheduler's target, no prior preservation).
 
 Output folder (`Adapters`):
@@ -139,7 +139,7 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
     from datadream.models.sd import load_sd_components
 
     cfg = config.adapt
-    # Load once per process: a shard of classes shares the frozen model (DESIGN.md, stages).
+    # Load once per process: a shard of classes shares the frozen model (docs/architecture.md).
     device = resolve_device(config.run)
     amp = autocast_dtype(config.run, device)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(config.models)
@@ -183,7 +183,7 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
 def _encode_latents(vae, unit: Unit, resolution: int | None, device, dtype) -> list[torch.Tensor]:
     """Encode each image once: the VAE is frozen, so its latent distribution never changes.
 
-    Images are resized so the short side is `resolution` (bilinear, REFERENCE.md Stage 1) and encoded
+    Images are resized so the short side is `resolution` (bilinear, docs/method.md Stage 1) and encoded
     whole; the random crop happens in latent space each step, on the 8-px grid of the VAE.
     Returns per image a tensor [2, C, h, w] = (mean, std) of the latent distribution.
     """

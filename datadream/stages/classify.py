@@ -1,5 +1,5 @@
 """Stage 3: fine-tune CLIP with LoRA on the synthetic set, optionally with the real shots
-(REFERENCE.md, Stage 3).
+(docs/method.md, Stage 3).
 
 Inputs: the few-shot folder (`classes.json`, `train.jsonl` real shots, `val.jsonl` for choosing the
 epoch; never the test split) and the synthetic folder (`manifest.jsonl`). Output folder:
@@ -81,7 +81,7 @@ def training_set(train_on: str, real: list[Record], synthetic: list[Record]) -> 
         return list(real), 1
     if train_on == "synthetic":
         return list(synthetic), 0
-    # Real shots repeated to ≈1:1 with synthetic (REFERENCE.md, Stage 3); whole copies keep classes balanced.
+    # Real shots repeated to ≈1:1 with synthetic (docs/method.md, Stage 3); whole copies keep classes balanced.
     repeats = max(1, round(len(synthetic) / len(real)))
     return list(synthetic) + list(real) * repeats, repeats
 
@@ -94,7 +94,7 @@ def _interpolation(name: str) -> InterpolationMode:
 
 
 def eval_transform(preprocess: dict) -> v2.Compose:
-    """Resize (model's interpolation) → center crop → normalise (REFERENCE.md, Stage 3: test transform)."""
+    """Resize (model's interpolation) → center crop → normalise (docs/method.md, Stage 3: test transform)."""
     size = preprocess["image_size"]
     return v2.Compose([
         v2.Resize(size, interpolation=_interpolation(preprocess["interpolation"]), antialias=True),
@@ -106,7 +106,7 @@ def eval_transform(preprocess: dict) -> v2.Compose:
 
 
 def train_transform(preprocess: dict, augment: bool) -> v2.Compose:
-    """REFERENCE.md, Stage 3 augmentations; without `augment`, the eval transform."""
+    """docs/method.md, Stage 3 augmentations; without `augment`, the eval transform."""
     if not augment:
         return eval_transform(preprocess)
     size = preprocess["image_size"]
@@ -199,7 +199,7 @@ def classification_loss(
 ) -> torch.Tensor:
     """Cross-entropy; with `real_weight`, real_weight·CE(real) + (1 − real_weight)·CE(synthetic).
 
-    Which samples are real comes from the manifests' explicit is_real flag (REFERENCE.md, Stage 3),
+    Which samples are real comes from the manifests' explicit is_real flag (docs/method.md, Stage 3),
     never from paths. `targets` are class indices or soft targets [N, C].
     """
     if real_weight is None:
@@ -220,7 +220,7 @@ def text_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def class_logits(model: nn.Module, images: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
-    """logits = scale · cos(image embedding, class text embedding) (REFERENCE.md, Stage 3)."""
+    """logits = scale · cos(image embedding, class text embedding) (docs/method.md, Stage 3)."""
     return scale * F.normalize(model.encode_image(images), dim=-1) @ head.t()
 
 

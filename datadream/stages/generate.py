@@ -1,7 +1,7 @@
 """Stage 2 — generate synthetic images per class with the adapted Stable Diffusion.
 
 One pipeline per process; adapters are swapped per class (class-wise) or loaded once
-(dataset-wise), never the whole pipeline reloaded (REFERENCE.md, Stage 2: reference-code defects).
+(dataset-wise), never the whole pipeline reloaded (docs/method.md, Stage 2: reference-code defects).
 Each image has its own seed derived from (seed, class, index): runs are resumable image by image,
 shards are independent, and classes do not share a noise stream.
 
