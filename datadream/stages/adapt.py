@@ -42,6 +42,7 @@ from datadream.io import (
     read_json,
     sha256_file,
     sha256_json,
+    writes_output,
 )
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
 
@@ -85,6 +86,7 @@ def total_steps(config: Config, n_images: int) -> int:
     return min(steps, config.adapt.max_steps) if config.adapt.max_steps else steps
 
 
+@writes_output("out")
 def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, shard: str | None = None) -> Path:
     cfg = config.adapt
     fewshot_dir, out = Path(fewshot_dir), Path(out)
@@ -346,6 +348,7 @@ def read_index(adapters_dir: str | os.PathLike) -> dict:
     return read_json(adapters_dir / MARKER)
 
 
+@writes_output("out")
 def merge(shard_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Gather the class-wise adapters of disjoint shards into one Adapters folder with one index."""
     from datadream.io import staged_dir

@@ -49,6 +49,7 @@ from datadream.io import (
     mark_started,
     sha256_file,
     sha256_json,
+    writes_output,
 )
 from datadream.models.clip import add_clip_lora, get_lora_state, load_clip, lora_parameters, set_lora_state
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, seed_everything
@@ -290,6 +291,7 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, data)
 
 
+@writes_output("out_dir")
 def run(
     config: Config, fewshot_dir: str | Path, synthetic_dir: str | Path | None, out_dir: str | Path,
     on_epoch: Callable[[int, float | None], None] | None = None,

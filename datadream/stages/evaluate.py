@@ -25,7 +25,15 @@ from datadream.config import ClassifyConfig, Config, ModelsConfig, RunConfig
 from datadream.data.images import RejectionCounts
 from datadream.data.manifest import ClassInfo
 from datadream.errors import UserError
-from datadream.io import atomic_write_json, check_output_dir, read_json, sha256_file, sha256_json, staged_dir
+from datadream.io import (
+    atomic_write_json,
+    check_output_dir,
+    read_json,
+    sha256_file,
+    sha256_json,
+    staged_dir,
+    writes_output,
+)
 from datadream.models.clip import add_clip_lora, load_clip, set_lora_state
 from datadream.runtime import autocast_dtype, resolve_device
 from datadream.stages.classify import (
@@ -124,6 +132,7 @@ def confusion_csv(confusion: torch.Tensor, classes: list[ClassInfo]) -> str:
     return buf.getvalue()
 
 
+@writes_output("out_dir")
 def run(config: Config, classifier_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> dict:
     """Score the classifier on the manifest (the few-shot test.jsonl); returns the metrics dict."""
     classifier_dir, manifest_path, out = Path(classifier_dir), Path(manifest_path), Path(out_dir)

@@ -35,6 +35,7 @@ from datadream.io import (
     sha256_file,
     sha256_json,
     staged_dir,
+    writes_output,
 )
 from datadream.runtime import derive_seed
 
@@ -61,6 +62,7 @@ def _fingerprint(index: DatasetIndex, config: Config) -> str:
                         "data": config.data.model_dump(mode="json")})
 
 
+@writes_output("out")
 def run(config: Config, dataset: str | os.PathLike, out: str | os.PathLike) -> Path:
     out = Path(out)
     shots, seed = config.fewshot.shots, config.fewshot.seed

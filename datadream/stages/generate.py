@@ -36,6 +36,7 @@ from datadream.io import (
     read_json,
     sha256_file,
     sha256_json,
+    writes_output,
 )
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
 from datadream.stages.adapt import read_index
@@ -48,6 +49,7 @@ def image_seed(seed: int, slug: str, index: int) -> int:
     return derive_seed(seed, "generate", slug, index)
 
 
+@writes_output("out")
 def run(
     config: Config,
     fewshot_dir: str | os.PathLike,
@@ -134,6 +136,7 @@ def run(
     return out
 
 
+@writes_output("out")
 def merge(shard_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Gather the outputs of `generate` on disjoint class shards into one SyntheticSet.
 

@@ -1,0 +1,149 @@
+"""Integrity of stage outputs: one writer per output folder, inputs checked against their manifests,
+bad input as one line and exit 2, artifacts that follow the umask."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datadream.errors import UserError
+from datadream.io import atomic_write_json, claim_output, lock_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`datadream …` as a user runs it: its own process, its exit status and stderr."""
+    return subprocess.run([sys.executable, "-m", "datadream.cli", "-q", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def one_line(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+# --- one writer per output folder ------------------------------------------------------------------------
+
+
+def _claim_and_write(out: str, barrier, name: str, hold_s: float) -> str:
+    barrier.wait()
+    try:
+        with claim_output(Path(out)) as o:
+            o.mkdir(exist_ok=True)
+            atomic_write_json(o / "who.json", {"name": name})
+            time.sleep(hold_s)
+            atomic_write_json(o / "done.json", {"name": name})
+        return "won"
+    except UserError as e:
+        return f"lost: {e}"
+
+
+def test_racing_writers_one_wins_the_others_name_the_holder(tmp_path):
+    # forkserver, not fork: a child forked from a parent that has run torch multi-threaded can hang in OpenMP.
+    ctx = multiprocessing.get_context("forkserver")
+    n, rounds = 4, 8
+    with ctx.Pool(n) as pool:
+        for i in range(rounds):
+            out = tmp_path / f"out{i}"
+            barrier = ctx.Manager().Barrier(n) if i == 0 else barrier  # noqa: F821 - made in round 0
+            results = pool.starmap(_claim_and_write, [(str(out), barrier, f"w{k}", 0.3) for k in range(n)])
+            winners = [k for k, r in enumerate(results) if r == "won"]
+            assert len(winners) == 1, results
+            for r in results:
+                if r != "won":
+                    assert "another run is writing this folder" in r and f"host {socket.gethostname()}" in r
+                    assert "pid " in r and "started 20" in r
+            done = json.loads((out / "done.json").read_text())
+            assert done == json.loads((out / "who.json").read_text()) == {"name": f"w{winners[0]}"}
+            assert not lock_path(out).exists()  # released and removed after the block
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    code = ("import sys, time; from pathlib import Path; from datadream.io import claim_output\n"
+            "with claim_output(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"another run is writing this folder \(host .*pid {holder.pid}, started"
+        with pytest.raises(UserError, match=busy), claim_output(out):
+            pass
+    finally:
+        holder.kill()  # kill -9: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert lock_path(out).exists()
+    with claim_output(out):  # the kernel dropped the dead holder's flock: taken over
+        held = json.loads(lock_path(out).read_text())
+        assert held["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+
+
+_RACER = """
+import os, sys, time
+import datadream.stages.adapt, datadream.stages.fewshot  # imports done before the start signal
+from datadream.cli import main
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.0005)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def race(tmp_path: Path, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run the CLI commands in their own processes, released at the same instant."""
+    go = tmp_path / f"go-{time.monotonic_ns()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(go), "-q", *c], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+             for c in commands]
+    time.sleep(8)  # every racer has imported and is waiting
+    go.touch()
+    results = []
+    for p, c in zip(procs, commands, strict=True):
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_racing_adapt_runs_never_mix_an_output(tmp_path, fewshot_set):
+    out = tmp_path / "ad"
+    base = ["adapt", "--fewshot", str(fewshot_set), "--mode", "dataset", "--out", str(out), "--preset", "tiny"]
+    results = race(tmp_path, [*base, "--set", "adapt.max_steps=6"], [*base, "--set", "adapt.max_steps=1"])
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 2], [(r.returncode, r.stderr) for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    line = one_line(loser)
+    assert "another run is writing this folder" in line or "holds a finished run with different inputs" in line
+    winner = next(r for r in results if r.returncode == 0)
+    steps = int(winner.args[-1].split("=")[1])
+    unit = json.loads((out / "dataset" / "adapter.json").read_text())
+    assert unit["steps"] == steps  # the unit and the index come from the same run
+    # The same settings again: a no-op that rewrites nothing.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = cli(*winner.args)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_racing_fewshot_runs_fail_cleanly(tmp_path, demo_dataset):
+    out = tmp_path / "fs"
+    cmd = ["fewshot", "--dataset", str(demo_dataset), "--shots", "2", "--out", str(out), "--preset", "tiny"]
+    results = race(tmp_path, cmd, cmd, cmd)
+    assert all("Traceback" not in r.stderr for r in results), [r.stderr for r in results]
+    assert sorted(r.returncode for r in results)[0] == 0
+    for r in results:
+        if r.returncode:
+            assert "another run is writing this folder" in one_line(r)
+    assert (out / "fewshot.json").is_file() and not lock_path(out).exists()
