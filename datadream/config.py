@@ -133,6 +133,35 @@ class GenerateConfig(Section):
     )
 
 
+class AssessConfig(Section):
+    enabled: bool = Field(
+        True, description="Measure the synthetic set with the frozen base CLIP after generation: quality.json "
+        "(CLIPScore, class agreement, diversity, near copies, FD and precision/recall; docs/method.md).",
+    )
+    copy_threshold: float = Field(
+        0.95, gt=0, le=1, description="A synthetic image whose CLIP cosine similarity to a real shot of its class "
+        "is at least this is a near copy (docs/method.md: why 0.95).",
+    )
+    filter: Literal["none", "disagree", "bottom_fraction"] = Field(
+        "none", description="Drop and replace images: none (the paper does not filter); disagree = those zero-shot "
+        "CLIP assigns to another class; bottom_fraction = the class's lowest-CLIPScore filter_fraction. Both also "
+        "drop near copies.",
+    )
+    filter_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of a class's images dropped by filter=bottom_fraction."
+    )
+    max_rounds: int = Field(
+        3, ge=0, description="Rounds of replacements (fresh per-image seeds) before a class is left short."
+    )
+    batch_size: int = Field(64, ge=1, description="Images per CLIP forward pass when computing features.")
+
+    @model_validator(mode="after")
+    def _filter_needs_features(self) -> AssessConfig:
+        if self.filter != "none" and not self.enabled:
+            raise ValueError(f"filter={self.filter!r} needs enabled=true (it filters on the CLIP features)")
+        return self
+
+
 class ClassifyConfig(Section):
     train_on: Literal["synthetic", "synthetic+real", "real"] = Field(
         "synthetic", description="Training data: synthetic only, synthetic plus the real shots, or real only."
@@ -231,6 +260,10 @@ class TuneConfig(Section):
     heartbeat_s: int = Field(60, ge=1, description="Trial heartbeat interval (SQL storage).")
     grace_s: int = Field(180, ge=1, description="A trial without a heartbeat this long is failed and retried.")
     max_retry: int = Field(2, ge=0, description="Retries of a trial whose worker died.")
+    min_class_agreement: float | None = Field(
+        None, ge=0, le=1, description="Prune a trial before it trains the classifier when its synthetic set's "
+        "mean class agreement (quality.json) is below this; None = never (needs assess.enabled).",
+    )
 
     @field_validator("search")
     @classmethod
@@ -277,12 +310,13 @@ class Config(Section):
     fewshot: FewShotConfig = FewShotConfig()
     adapt: AdaptConfig = AdaptConfig()
     generate: GenerateConfig = GenerateConfig()
+    assess: AssessConfig = AssessConfig()
     classify: ClassifyConfig = ClassifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
 
-    @field_validator("run", "data", "models", "fewshot", "adapt", "generate", "classify", "evaluate", "tune",
-                     mode="before")
+    @field_validator("run", "data", "models", "fewshot", "adapt", "generate", "assess", "classify", "evaluate",
+                     "tune", mode="before")
     @classmethod
     def _section_is_mapping(cls, v: Any) -> Any:
         if v is not None and not isinstance(v, dict | Section):
