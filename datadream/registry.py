@@ -7,12 +7,15 @@ Two registered models per registry name NAME:
                       itself (code_paths), so `models:/NAME-classifier@champion` loads and serves alone
     NAME-sd-lora      `mlflow.diffusers` flavor: every adapter of one adapt output (see register_adapters)
 
-Every new version gets the alias `candidate`. Where things live:
+Every new version gets the alias `candidate`. Where things live (the registry UI shows a version's
+tags in one cell, so they are few):
 
-    model version tags        lineage (as given: dataset_uri, manifest_sha256, shots, seed, mode, clip,
-                              sd, adapter_version, git_sha, kfp_run_id, …), test metrics `test_top1`,
-                              `test_top5`, … and the gate's verdict `gate.decision`, `gate.reason`,
-                              `gate.compared_to`, `gate.metric`, `gate.margin`, `gate.floor`
+    model version tags        what lineage and the gate need (VERSION_TAGS: dataset, mode, data_hash,
+                              git_sha, kfp_run_id, mlflow_run_id, adapter_version, test_top1, test_top5)
+                              and the gate's verdict `gate.decision`
+    model version description the gate's reason, e.g. "promoted: test_top1 0.7708 beats champion version 2 …"
+    lineage/<model>.json      artifact of the registering run: everything else (manifest hash, shots, seed,
+                              base models, fingerprints, all test metrics, the package version, …)
     registered model tag      `champion_history`: JSON list of the versions that held `champion`, oldest
                               first, the current one last; `rollback` pops it
     LoggedModel metrics       the test metrics again, linked to the model (MLflow 3 `model_id`)
@@ -55,6 +58,9 @@ HISTORY_MAX = 100
 KIND_TAG = "datadream.kind"
 Kind = Literal["classifier", "adapters"]
 KINDS: tuple[str, ...] = ("classifier", "adapters")
+# Lineage kept as version tags (the rest goes to lineage/<model>.json); the gate reads test_top1.
+VERSION_TAGS = ("dataset", "mode", "data_hash", "git_sha", "kfp_run_id", "mlflow_run_id", "adapter_version",
+                "test_top1", "test_top5")
 
 # What serving needs besides mlflow (which MLflow adds itself), pinned as in pyproject.toml; a test
 # checks that every entry appears there verbatim.
@@ -315,16 +321,22 @@ def _export_base_clip(clip: str, pretrained: str | None, stage: Path) -> Path:
     return out
 
 
-def _new_version(model_name: str, info, tags: dict[str, str], kind: str) -> str:
-    """Finish a just-logged version: its tags, the model's kind, and the alias `candidate`."""
+def _new_version(model_name: str, info, record: dict[str, str], kind: str) -> str:
+    """Finish a just-logged version: the lineage record as lineage/<model>.json in the active run, the
+    VERSION_TAGS part of it as version tags, the model's kind, and the alias `candidate`."""
     version = str(info.registered_model_version)
+    mlflow.log_dict({"model": model_name, "version": version, **record}, f"lineage/{model_name}.json")
     client = _client()
-    for key, value in tags.items():
+    for key, value in _version_tags(record).items():
         client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_tag(model_name, KIND_TAG, kind)
     client.set_registered_model_alias(model_name, CANDIDATE, version)
     log.info("registry: %s version %s registered (alias %s)", model_name, version, CANDIDATE)
     return version
+
+
+def _version_tags(record: dict[str, str]) -> dict[str, str]:
+    return {k: record[k] for k in VERSION_TAGS if k in record}
 
 
 def _clean_package_copy(stage: Path) -> Path:
@@ -343,9 +355,10 @@ def register_classifier(
 ) -> str:
     """Log the classifier as a pyfunc model, register it as NAME-classifier, alias it `candidate`.
 
-    `metrics` is the evaluate stage's metrics.json (numeric entries become `test_<key>` tags and
-    model metrics); `lineage` becomes version tags as given (None values are skipped). `base_weights`:
-    see `_base_weights`. Returns the new version.
+    `metrics` is the evaluate stage's metrics.json (numeric entries become `test_<key>` model metrics);
+    `lineage` (None values skipped) and the metrics make the version's lineage record: all of it in
+    lineage/<model>.json, its VERSION_TAGS as tags. `base_weights`: see `_base_weights`. Returns the
+    new version.
     """
     from datadream import __version__
 
@@ -357,7 +370,7 @@ def register_classifier(
             raise UserError(f"{folder}: no {file}; not a finished classify output")
     values = _metric_values(metrics)
     base = meta.get("model") or {}
-    tags = {
+    record = {
         "clip": str(base.get("clip")),
         "clip_pretrained": str(base.get("clip_pretrained")),
         "num_classes": str(len(meta.get("classes", []))),
@@ -389,11 +402,11 @@ def register_classifier(
                 metadata={"classes": [c["slug"] for c in meta.get("classes", [])],
                           "datadream_version": __version__},
                 registered_model_name=model_name,
-                tags=tags,
+                tags=_version_tags(record),
             )
             if values:
                 mlflow.log_metrics({k: float(v) for k, v in values.items()}, model_id=info.model_id)
-    return _new_version(model_name, info, tags, "classifier")
+            return _new_version(model_name, info, record, "classifier")
 
 
 # --- adapters --------------------------------------------------------------------------------------------
@@ -450,7 +463,7 @@ def register_adapters(name: str, adapters_dir: str | Path, lineage: dict) -> str
     for key in ("mode", "base_model", "classes"):
         if key not in index:
             raise UserError(f"{folder / _ADAPTER_INDEX}: missing field {key!r}")
-    tags = {
+    record = {
         "mode": str(index["mode"]),
         "sd": str(index["base_model"]),
         "sd_revision": str(index.get("base_revision")),
@@ -470,9 +483,9 @@ def register_adapters(name: str, adapters_dir: str | Path, lineage: dict) -> str
                 name="sd_lora",
                 metadata={"mode": index["mode"], "classes": index["classes"], "files": flat_index["files"]},
                 registered_model_name=model_name,
-                tags=tags,
+                tags=_version_tags(record),
             )
-    return _new_version(model_name, info, tags, "adapters")
+            return _new_version(model_name, info, record, "adapters")
 
 
 def download_adapters(name: str, out_dir: str | Path, ref: str = CHAMPION) -> Path:
@@ -517,6 +530,13 @@ def _metric_of(mv, metric: str) -> float | None:
         return None
 
 
+def _record_decision(client: MlflowClient, model: str, version: str, decision: str, reason: str) -> None:
+    """The gate's verdict on a version: the tag `gate.decision`, and the reason as its description (the
+    column the registry UI shows)."""
+    client.set_model_version_tag(model, version, "gate.decision", decision)
+    client.update_model_version(model, version, description=f"{decision.replace('_', ' ')}: {reason}")
+
+
 def promote_if_better(
     name: str,
     version: str | int,
@@ -529,8 +549,9 @@ def promote_if_better(
     """The promotion gate for NAME-classifier: `champion` moves to `version` only if its `metric` tag is
     ≥ floor and (there is no champion, or it beats the champion's by more than `margin`).
 
-    The verdict is recorded on the version (gate.* tags). Returns dict(decision 'promoted' or
-    'not_promoted', reason, champion_before, champion_after), versions as strings or None.
+    The verdict is recorded on the version (the `gate.decision` tag, the reason as its description).
+    Returns dict(decision 'promoted' or 'not_promoted', reason, champion_before, champion_after),
+    versions as strings or None.
     """
     model = classifier_name(name)
     client = _client(tracking_uri)
@@ -565,10 +586,8 @@ def promote_if_better(
         _push_champion(client, model, version, before)
         _follow_adapters(client, name, mv)
     decision = "promoted" if promoted else "not_promoted"
-    for key, val in {"gate.decision": decision, "gate.reason": reason, "gate.compared_to": before or "none",
-                     "gate.metric": metric, "gate.margin": repr(float(margin)), "gate.floor": repr(float(floor)),
-                     "gate.time": _now()}.items():
-        client.set_model_version_tag(model, version, key, val)
+    _record_decision(client, model, version, decision,
+                     f"{reason} (gate on {metric}: margin {margin:g}, floor {floor:g}; {_now()})")
     log.info("registry: %s version %s %s: %s", model, version, decision.replace("_", " "), reason)
     return {"decision": decision, "reason": reason, "champion_before": before,
             "champion_after": version if promoted else before}
@@ -588,9 +607,8 @@ def promote(name: str, version: str | int, *, kind: Kind = "classifier", trackin
     if kind == "classifier":
         _follow_adapters(client, name, client.get_model_version(model, version))
     reason = "promoted by hand"
-    for key, val in {"gate.decision": "promoted", "gate.reason": reason, "gate.compared_to": before or "none",
-                     "gate.time": _now()}.items():
-        client.set_model_version_tag(model, version, key, val)
+    _record_decision(client, model, version, "promoted",
+                     f"{reason} (champion before: {f'version {before}' if before else 'none'}; {_now()})")
     return {"decision": "promoted", "reason": reason, "champion_before": before, "champion_after": version}
 
 
@@ -626,7 +644,7 @@ def rollback(name: str, *, kind: Kind = "classifier", tracking_uri: str | None =
 
 def list_versions(name: str, *, kind: Kind = "classifier", tracking_uri: str | None = None) -> list[dict]:
     """Every version, oldest first: dict(version, aliases, metrics (test_* tags), created (ISO UTC),
-    gate (gate.decision or None), run_id, tags)."""
+    gate (gate.decision or None), description (the gate's reason), run_id, tags)."""
     model = registered_name(name, kind)
     client = _client(tracking_uri)
     aliases: dict[str, list[str]] = {}
@@ -642,6 +660,7 @@ def list_versions(name: str, *, kind: Kind = "classifier", tracking_uri: str | N
             "metrics": metrics,
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
             "gate": tags.get("gate.decision"),
+            "description": mv.description or "",
             "run_id": mv.run_id,
             "tags": tags,
         })

@@ -35,7 +35,7 @@ from datadream.errors import UserError
 from datadream.stages import adapt, classify, evaluate
 
 CLASSIFY = ("classify.epochs=3", "classify.batch_size=8", "classify.warmup_steps=1")
-LINEAGE = {"dataset_uri": "file:///data/colours", "manifest_sha256": "ab" * 32, "shots": 4, "seed": 1,
+LINEAGE = {"dataset": "file:///data/colours", "manifest_sha256": "ab" * 32, "shots": 4, "seed": 1,
            "mode": "class", "sd": "tiny", "adapter_version": None, "git_sha": "0123abc", "kfp_run_id": None}
 
 
@@ -104,13 +104,14 @@ def test_register_tags_lineage_metrics_and_candidate(registered, classifier):
     client = MlflowClient()
     mv = client.get_model_version_by_alias("colours-classifier", "candidate")
     assert str(mv.version) == version and mv.run_id == run_id
-    tags = mv.tags
-    assert tags["dataset_uri"] == "file:///data/colours" and tags["manifest_sha256"] == "ab" * 32
-    assert tags["shots"] == "4" and tags["seed"] == "1" and tags["git_sha"] == "0123abc"
-    assert "kfp_run_id" not in tags  # None values are left out
-    assert tags["clip"] == "tiny" and tags["num_classes"] == "3"
-    assert float(tags["test_top1"]) == metrics["top1"] and float(tags["test_top5"]) == metrics["top5"]
-    assert not any(k.startswith("test_per_class") for k in tags)
+    tags = mv.tags  # a handful, for lineage and the gate; None values are left out
+    assert tags == {"dataset": "file:///data/colours", "mode": "class", "git_sha": "0123abc",
+                    "test_top1": repr(metrics["top1"]), "test_top5": repr(metrics["top5"])}
+    # The rest of the lineage is a JSON artifact of the registering run.
+    record = mlflow.artifacts.load_dict(f"runs:/{run_id}/lineage/colours-classifier.json")
+    assert record["version"] == version and record["manifest_sha256"] == "ab" * 32 and record["shots"] == "4"
+    assert record["clip"] == "tiny" and record["num_classes"] == "3" and float(record["test_n"]) == metrics["n"]
+    assert "kfp_run_id" not in record and not any(k.startswith("test_per_class") for k in record)
 
     # MLflow 3: the metrics are linked to the logged model too; the model ships the package, no caches.
     logged = mlflow.get_logged_model(mv.source.removeprefix("models:/"))
@@ -278,8 +279,9 @@ def champion(name: str) -> str:
 
 
 def gate_tags(name: str, version: str) -> dict:
-    tags = MlflowClient().get_model_version(registry.classifier_name(name), version).tags
-    return {k: v for k, v in tags.items() if k.startswith("gate.")}
+    """The gate's record on a version: its gate.* tags, and its description as "description"."""
+    mv = MlflowClient().get_model_version(registry.classifier_name(name), version)
+    return {**{k: v for k, v in mv.tags.items() if k.startswith("gate.")}, "description": mv.description}
 
 
 def test_gate_promotes_only_a_clear_improvement(registered):
@@ -303,10 +305,12 @@ def test_gate_promotes_only_a_clear_improvement(registered):
     assert champion("gate") == v4
 
     assert gate_tags("gate", v2)["gate.decision"] == "not_promoted"
-    tags = gate_tags("gate", v4)
-    assert tags["gate.decision"] == "promoted" and tags["gate.compared_to"] == v1
-    assert tags["gate.metric"] == "test_top1" and float(tags["gate.margin"]) == 0.05 and "beats" in tags["gate.reason"]
-    assert gate_tags("gate", v1)["gate.compared_to"] == "none"
+    assert gate_tags("gate", v2)["description"].startswith(f"not promoted: {worse['reason']} (gate on test_top1")
+    tags = gate_tags("gate", v4)  # the reason is the version's description (the registry UI's column)
+    assert tags["gate.decision"] == "promoted" and tags["description"].startswith(
+        f"promoted: test_top1 0.8000 beats champion version {v1} (0.7000) by more than the margin 0.05 "
+        "(gate on test_top1: margin 0.05, floor 0; ")
+    assert "no champion yet" in gate_tags("gate", v1)["description"]
     history = json.loads(MlflowClient().get_registered_model("gate-classifier").tags["champion_history"])
     assert history == [v1, v4]
 
@@ -474,7 +478,9 @@ def test_class_wise_adapters_register_as_one_version_and_load(tracking, class_ad
     version = registry.register_adapters("colours", class_adapters, {"git_sha": "0123abc"})
     mv = MlflowClient().get_model_version_by_alias("colours-sd-lora", "candidate")
     assert str(mv.version) == version
-    assert mv.tags["mode"] == "class" and mv.tags["num_adapters"] == "2" and mv.tags["git_sha"] == "0123abc"
+    assert mv.tags == {"mode": "class", "git_sha": "0123abc"}
+    record = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/lineage/colours-sd-lora.json")
+    assert record["num_adapters"] == "2" and record["sd"] == "tiny" and record["version"] == version
 
     (tmp_path / "dl").mkdir()
     model = mlflow.diffusers.load_model("models:/colours-sd-lora@candidate", dst_path=str(tmp_path / "dl"))

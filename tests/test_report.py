@@ -1,4 +1,4 @@
-"""The run report: sample grid geometry, escaping of user text, inline image, Markdown tables."""
+"""The run report: sample grid geometry, the page's facts, tables and plots, escaping, file modes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from datadream import report
 from datadream.data.manifest import ClassInfo, Record, slugify, write_classes, write_manifest
-from datadream.io import atomic_write_json, sha256_file
+from datadream.io import sha256_file
 
 NAMES = ["red", "<script>alert(1)</script>", "F/A-18 | jet"]
 CLASSES = [ClassInfo(i, slugify(n), n) for i, n in enumerate(NAMES)]
@@ -54,8 +54,9 @@ CLASSIFIER = {"classes": [{"index": c.index, "slug": c.slug, "name": c.name} for
               "train_on": "synthetic", "best_epoch": 2,
               "history": [{"epoch": 0, "val_top1": 0.3}, {"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.75}]}
 RESULTS = [
-    {"setting": "DataDream <dataset>", "metrics": _metrics(0.8125), "classifier": CLASSIFIER,
-     "confusion": {"classes": [c.slug for c in CLASSES], "counts": [[8, 2, 0], [10, 10, 0], [0, 0, 0]]}},
+    {"setting": "DataDream <dataset>", "classifier": CLASSIFIER,
+     "metrics": {**_metrics(0.8125), "classes": [c.slug for c in CLASSES],
+                 "confusion": [[8, 2, 0], [10, 10, 0], [0, 0, 0]]}},
     {"setting": "real only", "metrics": _metrics(0.4375), "classifier": None},
 ]
 
@@ -88,61 +89,54 @@ def test_grid_caps_classes_and_survives_bad_files(sets):
     assert _cell_pixel(grid, report.LABEL_WIDTH, 0, 16) == (200, 200, 200)  # placeholder, no crash
 
 
-def test_html_escapes_and_embeds_grid(sets):
+RUN = {"dataset": "s3://bucket/<flowers>", "mode": "class", "shots": 16, "seed": 1, "git_sha": "0123abc",
+       "gate": "promoted: test_top1 0.8125 beats champion version 1"}
+
+
+def _images(page: str) -> dict[str, Image.Image]:
+    """alt text -> decoded image, for every inline PNG on the page."""
+    found = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    return {html.unescape(alt): Image.open(io.BytesIO(base64.b64decode(b64))) for alt, b64 in found}
+
+
+def test_html_has_the_run_facts_plots_and_escapes_user_text(sets):
     synthetic, fewshot = sets
-    page = report.render_html("Run <1>", RESULTS, synthetic, fewshot, extra={"shots": 16, "model": "<b>x</b>"})
+    zero_shot = {**CLASSIFIER, "train_on": "real", "epochs": 0, "best_epoch": 0, "history": CLASSIFIER["history"][:1]}
+    results = [*RESULTS, {"setting": "zero-shot", "metrics": _metrics(0.25), "classifier": zero_shot}]
+    page = report.render_html("Run <1>", results, synthetic, fewshot, extra={"model": "<b>x</b>"}, run=RUN)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<b>x</b>" not in page and "Run &lt;1&gt;" in page
-    for r in RESULTS:
-        assert html.escape(r["setting"]) in page
-        assert f"{100 * r['metrics']['top1']:.1f}%" in page
-    assert "2 / 75.0%" in page  # best epoch / its val top-1, from history
-    assert "rgba(31,119,180,0.50)" in page  # confusion shading: 10 of 20 in the row
+    assert "<b>x</b>" not in page and "Run &lt;1&gt;" in page and "s3://bucket/&lt;flowers&gt;" in page
+    for label, value in [("dataset", "s3://bucket/&lt;flowers&gt;"),
+                         ("adaptation", "class-wise: one SD LoRA per class"), ("shots per class", "16"),
+                         ("seed", "1"), ("code (git sha)", "0123abc")]:
+        assert re.search(rf"<th>{re.escape(label)}</th><td class=\"text\">{re.escape(value)}</td>", page), label
+    assert '<td class="text promoted">promoted: test_top1 0.8125 beats champion version 1</td>' in page
+    for r in results:
+        assert html.escape(r["setting"]) in page and f"{100 * r['metrics']['top1']:.1f}%" in page
+    assert "<td>2 / 75.0%</td>" in page  # best epoch / its val top-1, from history
+    assert "<td>nothing (zero-shot)</td><td>0 / 30.0%</td>" in page  # not "real": it never trained
+    assert "<td>30 (1 rejected)</td>" in page
     assert "http" not in page and "<link" not in page  # nothing fetched from elsewhere
 
-    (uri,) = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    embedded = Image.open(io.BytesIO(base64.b64decode(uri)))
-    assert embedded.format == "PNG"
-    assert embedded.size == report.sample_grid(synthetic, fewshot_dir=fewshot).size
+    images = _images(page)  # one confusion matrix per setting with one, the per-class plot, the samples
+    assert set(images) == {"confusion matrix: DataDream <dataset>", "per-class accuracy", "sample grid"}
+    assert images["sample grid"].size == report.sample_grid(synthetic, fewshot_dir=fewshot).size
+    assert all(im.format == "PNG" and im.width > 300 for im in images.values())
+    # Without a run, the facts still show, as "–"; without a gate the row says so.
+    bare = report.render_html("Run", RESULTS[1:])
+    assert '<th>registry gate</th><td class="text">–</td>' in bare and "<img" in bare  # per-class plot only
 
 
-def test_markdown_tables(sets, tmp_path):
-    synthetic, _ = sets
-    md = report.render_markdown("Run", RESULTS, synthetic, extra={"k": 16})
-    assert "<script>" not in md
-    assert "| DataDream &lt;dataset&gt; | 81.2% | 100.0% | 81.2% | 30 (1 rejected) | synthetic | 2 / 75.0% |" in md
-    assert "| real only | 43.8% |" in md
-    assert "| F/A-18 &#124; jet | 0 | – | – |" in md  # '|' in a name cannot split the cell
-    assert "| red | 8 | 2 | 0 |" in md  # confusion row
-    assert "| k | 16 |" in md
-    (uri,) = re.findall(r"!\[sample grid\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
-    assert Image.open(io.BytesIO(base64.b64decode(uri))).size == report.sample_grid(synthetic).size
-
-    out = tmp_path / "report" / "report.md"
-    report.write_report(out, md)
-    assert out.read_text(encoding="utf-8") == md
-
-
-def test_load_result_reads_stage_folders(tmp_path):
-    ev, clf = tmp_path / "eval", tmp_path / "clf"
-    atomic_write_json(ev / "metrics.json", _metrics(0.5))
-    (ev / "confusion.csv").write_text("true\\predicted,a,b\na,3,1\nb,0,4\n", encoding="utf-8")
-    atomic_write_json(clf / "classifier.json", CLASSIFIER)
-    result = report.load_result("s", ev, clf)
-    assert result["confusion"] == {"classes": ["a", "b"], "counts": [[3, 1], [0, 4]]}
-    assert result["classifier"]["best_epoch"] == 2 and result["metrics"]["top1"] == 0.5
-    assert report.load_result("s", ev)["classifier"] is None
-
-
-def test_confusion_image_shades_rows_and_shrinks_for_many_classes():
-    counts = [[8, 2, 0], [0, 10, 0], [5, 0, 5]]
-    image = report.confusion_image(["red", "green", "blue"], counts, cell=20)
-    label_w = image.width - 3 * 20 - report.PAD
-    assert label_w > 0 and image.height == 16 + 3 * 20 + report.PAD
-
-    def shade(i, j):  # the cell's corner pixel: darker = larger share of its row
-        return sum(image.getpixel((label_w + j * 20 + 1, 16 + i * 20 + 1)))
-
-    assert shade(1, 1) < shade(0, 0) < shade(2, 0) < shade(0, 1) < shade(0, 2) == 3 * 255
-    big = report.confusion_image([f"c{i}" for i in range(400)], [[1] * 400 for _ in range(400)])
-    assert max(big.size) <= 1200 + report.PAD  # a heat map of a few pixels per cell, no labels
+def test_write_report_is_readable_by_all_and_local_reports_get_html_names(tmp_path):
+    run = tmp_path / "datadream-2026"
+    for task in ("summarize", "for-loop-2/evaluate", "for-loop-2/evaluate-2"):
+        report.write_report(run / task / "report", f"<p>{task}</p>")
+    assert (run / "summarize" / "report").stat().st_mode & 0o777 == 0o644
+    (run / "fewshot" / "report").mkdir(parents=True)  # a folder of that name is left alone
+    assert report.publish_local_reports(run) == run / "report.html"
+    assert (run / "report.html").read_text() == "<p>summarize</p>"
+    copies = sorted(p.relative_to(run).as_posix() for p in run.glob("**/report.html"))
+    assert copies == ["for-loop-2/evaluate-2/report.html", "for-loop-2/evaluate/report.html", "report.html",
+                      "summarize/report.html"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in run.glob("**/report.html"))
+    assert report.publish_local_reports(tmp_path / "empty") is None
