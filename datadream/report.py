@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -117,6 +118,21 @@ RUN_FACTS = [("dataset", "dataset"), ("mode", "adaptation"), ("shots", "shots pe
              ("kfp_run_id", "KFP run"), ("mlflow_run_id", "MLflow run")]
 _ALWAYS = 6
 MODES = {"class": "class-wise: one SD LoRA per class", "dataset": "dataset-wise: one SD LoRA for all classes"}
+
+
+def run_facts(fewshot_dir: str | os.PathLike | None = None, **facts: Any) -> dict[str, Any]:
+    """The `run` of `render_html`: dataset, shots and seed from the few-shot set's fewshot.json, the
+    code's git sha, then `facts` (mode, gate, kfp_run_id, …; None values are left out)."""
+    from datadream.tracking import code_version
+
+    out: dict[str, Any] = {}
+    marker = Path(fewshot_dir) / "fewshot.json" if fewshot_dir is not None else None
+    if marker is not None and marker.is_file():
+        summary = json.loads(marker.read_text(encoding="utf-8"))
+        out.update({k: summary.get(k) for k in ("dataset", "shots", "seed")})
+    out["git_sha"] = code_version()
+    out.update(facts)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _pct(x: float | None) -> str:

@@ -293,15 +293,30 @@ def _artifact_root_beside_db(name: str) -> str | None:
     return (path.resolve().parent / "mlartifacts" / slug).as_uri()
 
 
+# The experiment tag that marks a model-training (not GenAI) experiment. MLflow 3.17's UI ignores it: it
+# picks its view from the URL's `?workflowType=machine_learning` (see UI_QUERY), else from the browser's
+# last choice, else GenAI; other MLflow UIs read the tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "?workflowType=machine_learning"
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The page of an experiment's runs in the MLflow UI at `ui` (e.g. http://127.0.0.1:5000), in its
+    model-training view (UI_QUERY)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_QUERY}"
+
+
 def get_or_create_experiment(name: str) -> str:
-    """The id of the experiment called `name`, created if absent (safe when several processes race)."""
+    """The id of the experiment called `name`, created if absent (safe when several processes race) and
+    tagged as a model-training experiment (EXPERIMENT_KIND)."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_root_beside_db(name))
+            return client.create_experiment(name, artifact_location=_artifact_root_beside_db(name),
+                                            tags=EXPERIMENT_KIND)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -386,6 +401,22 @@ def start_pipeline_run(
     if params:
         _log_params(run_id, flatten(params))
     return run_id
+
+
+def pipeline_run_name(mode: str, kfp_run_id: str | None) -> str:
+    """The parent run's name in the runs table, e.g. "datadream class-wise 82384307"."""
+    return " ".join(p for p in ("datadream", f"{mode}-wise" if mode else "", (kfp_run_id or "")[:8]) if p)
+
+
+def result_metrics(results: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Each classifier's test accuracies as metrics of the parent run, so the runs table and charts
+    compare runs: {"train_on": "synthetic+real", "top1": .., "top5": ..} -> `test_top1/synthetic-real`,
+    `test_top5/synthetic-real` (MLflow metric names allow no '+'; the UI groups charts by the part before '/')."""
+    out = {}
+    for r in results:
+        key = re.sub(r"[^\w.\- ]", "-", str(r["train_on"]))
+        out.update({f"test_{m}/{key}": float(r[m]) for m in ("top1", "top5") if r.get(m) is not None})
+    return out
 
 
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:

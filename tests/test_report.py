@@ -140,3 +140,13 @@ def test_write_report_is_readable_by_all_and_local_reports_get_html_names(tmp_pa
                       "summarize/report.html"]
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in run.glob("**/report.html"))
     assert report.publish_local_reports(tmp_path / "empty") is None
+
+
+def test_run_facts_come_from_the_fewshot_set(tmp_path, monkeypatch):
+    from datadream.io import atomic_write_json
+
+    monkeypatch.setenv("DATADREAM_GIT_SHA", "0123abc")
+    atomic_write_json(tmp_path / "fewshot.json", {"dataset": "/data/flowers", "shots": 16, "seed": 3, "classes": 102})
+    assert report.run_facts(tmp_path, mode="dataset", gate=None) == {
+        "dataset": "/data/flowers", "shots": 16, "seed": 3, "git_sha": "0123abc", "mode": "dataset"}
+    assert report.run_facts(None, mode="class") == {"git_sha": "0123abc", "mode": "class"}

@@ -75,7 +75,8 @@ def test_hierarchy_params_metrics_artifacts(store, tiny, tmp_path):
     cfg = tiny()
     experiment = f"datadream-test-{uuid.uuid4().hex[:8]}"
     tags = _tags(cfg)
-    parent_id = tracking.start_pipeline_run(experiment, tags, params={"fewshot": cfg.to_dict()["fewshot"]})
+    parent_id = tracking.start_pipeline_run(experiment, tags, params={"fewshot": cfg.to_dict()["fewshot"]},
+                                            run_name=tracking.pipeline_run_name("class", tags["kfp.run_id"]))
 
     picture = Image.new("RGB", (8, 8), (200, 30, 30))
     with tracking.stage_run(parent_id, "adapt", cfg.to_dict()["adapt"], tags={"shard": "0"}) as run:
@@ -91,6 +92,8 @@ def test_hierarchy_params_metrics_artifacts(store, tiny, tmp_path):
         tracking.log_artifact_file(extra, "adapters")
     with tracking.stage_run(parent_id, "evaluate", cfg.to_dict()["evaluate"], tags={}):
         tracking.log_final_metrics({"top1": 0.75, "top5": 1.0})
+    results = [{"train_on": "synthetic+real", "top1": 0.75, "top5": 1.0}, {"train_on": "zero-shot", "top1": 0.25}]
+    tracking.log_final_metrics(tracking.result_metrics(results), parent_id)
     tracking.finish_pipeline_run(parent_id)
 
     client = MlflowClient(uri)
@@ -98,6 +101,11 @@ def test_hierarchy_params_metrics_artifacts(store, tiny, tmp_path):
     assert parent.info.status == "FINISHED"
     assert {k: parent.data.tags[k] for k in tags} == tags
     assert parent.data.tags[tracking.KIND_TAG] == "pipeline"
+    # The runs table: named with the mode, each classifier's test accuracy as a column to compare.
+    assert parent.info.run_name == f"datadream class-wise {tags['kfp.run_id'][:8]}"
+    assert parent.data.metrics == {"test_top1/synthetic-real": 0.75, "test_top5/synthetic-real": 1.0,
+                                   "test_top1/zero-shot": 0.25}
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params == {"fewshot.shots": str(cfg.fewshot.shots), "fewshot.seed": str(cfg.fewshot.seed)}
 
     children = {r.data.tags[tracking.STAGE_TAG]: r for r in _children(client, parent_id)}
