@@ -47,6 +47,8 @@ STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
 BEST_TAG = "optuna.best"
+PRUNED_TAG = "optuna.pruned_reason"
+PRUNED_REASON = "pruned_reason"  # the trial's user attribute saying why it was pruned
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -234,6 +236,9 @@ def create_study(name: str, storage_url: str, config: Config):
     """Create or load the study (safe when workers race) and enqueue the baseline once."""
     import optuna
 
+    if config.tune.min_class_agreement is not None and not config.assess.enabled:
+        raise UserError(f"tune.min_class_agreement={config.tune.min_class_agreement:g} needs assess.enabled=true "
+                        "(it prunes on the synthetic set's quality.json)")
     pruner: optuna.pruners.BasePruner
     if config.tune.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.tune.pruner_warmup_epochs)
@@ -301,7 +306,8 @@ class Campaign:
                 value = self._run_trial(trial, cfg, folders)
             except optuna.TrialPruned as e:
                 pruned = e
-                tracking.set_tags({STATE_TAG: "PRUNED"})
+                trial.set_user_attr(PRUNED_REASON, str(e))
+                tracking.set_tags({STATE_TAG: "PRUNED", PRUNED_TAG: str(e)[:5000]})
             else:
                 tracking.set_tags({STATE_TAG: "COMPLETE"})
                 tracking.log_final_metrics({"objective_val_top1": value})
@@ -316,7 +322,7 @@ class Campaign:
         fewshot_set = {"path": str(self.fewshot_dir.resolve()),
                        "marker": sha256_file(self.fewshot_dir / "fewshot.json")}
         sd = {"fewshot_set": fewshot_set, **{k: d[k] for k in ("run", "data", "models", "fewshot", "adapt")}}
-        images = {**sd, "generate": d["generate"]}
+        images = {**sd, "generate": d["generate"], "assess": d["assess"]}
         return {"adapters": self.work / "adapters" / sha256_json(sd)[:16],
                 "synthetic": self.work / "synthetic" / sha256_json(images)[:16],
                 "classifier": self.work / "classifiers" / sha256_json({**images, "classify": d["classify"]})[:16]}
@@ -333,13 +339,14 @@ class Campaign:
                 return
             trial.report(best_val, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} (best val top-1 {best_val:.4f})")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (best val top-1 {best_val:.4f} trails other trials)")
 
         # Shared folders are built by one worker at a time; the others wait, then find them finished.
         with file_lock(lock_of(folders["adapters"])):
             adapt.run(cfg, self.fewshot_dir, folders["adapters"])
         with file_lock(lock_of(folders["synthetic"])):
             generate.run(cfg, self.fewshot_dir, folders["adapters"], folders["synthetic"])
+        prune_on_quality(trial, cfg, folders["synthetic"])
         with file_lock(lock_of(folders["classifier"])):
             out = classify.run(cfg, self.fewshot_dir, folders["synthetic"], folders["classifier"], on_epoch=report)
         clf = json.loads((out / "classifier.json").read_text())
@@ -368,6 +375,27 @@ class Campaign:
         if not self.parent_run:
             return
         tag_best(self.study, self.parent_run)
+
+
+def prune_on_quality(trial, cfg: Config, synthetic_dir: Path) -> None:
+    """Prune the trial before it trains a classifier when its synthetic set's mean class agreement (the share
+    of images the base CLIP assigns to their own class, quality.json) is below tune.min_class_agreement."""
+    import optuna
+
+    from datadream import quality
+
+    threshold = cfg.tune.min_class_agreement
+    if threshold is None:
+        return
+    report = quality.read_report(synthetic_dir)
+    agreement = report["overall"]["class_agreement"] if report else None
+    if agreement is None:
+        raise UserError(f"tune.min_class_agreement={threshold}: {synthetic_dir} has no class agreement in "
+                        f"{quality.REPORT} (is assess.enabled false?)")
+    trial.set_user_attr("synthetic_class_agreement", agreement)
+    if agreement < threshold:
+        raise optuna.TrialPruned(f"synthetic class agreement {agreement:.4f} < tune.min_class_agreement "
+                                 f"{threshold:g}, before classify")
 
 
 def lock_of(folder: Path) -> Path:
@@ -441,7 +469,8 @@ def trials_table(study) -> list[dict[str, Any]]:
                      "last_epoch": max(t.intermediate_values) if t.intermediate_values else None,
                      "seconds": round(duration, 1) if duration is not None else None, **t.params,
                      "retry_of": t.system_attrs.get("failed_trial"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                     PRUNED_REASON: t.user_attrs.get(PRUNED_REASON)})
     return rows
 
 

@@ -150,6 +150,26 @@ def test_campaign_on_sqlite_prunes_resumes_and_exports(capsys, tmp_path, monkeyp
     assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_trial_whose_images_disagree_with_their_classes_is_pruned_before_classify(capsys, tmp_path):
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    # The tiny SD is random-init: the base CLIP assigns few of its images to their class (≈ 0.2 of 1.0).
+    code, out, err = run_cli(capsys, "tune", "run", "--study", "q", "--storage", storage, "--trials", "1",
+                             "--work", str(tmp_path / "work"), *CLIP_SEARCH, "--set", "tune.min_class_agreement=0.9")
+    assert code == 0, err
+    assert json.loads(out)["finished"] == 1
+    [trial] = trials_of("q", storage)
+    assert trial.state == TrialState.PRUNED and not trial.intermediate_values
+    agreement = trial.user_attrs["synthetic_class_agreement"]
+    assert agreement < 0.9 and trial.user_attrs["pruned_reason"] == (
+        f"synthetic class agreement {agreement:.4f} < tune.min_class_agreement 0.9, before classify")
+    assert not (tmp_path / "work" / "classifiers").exists()  # no classifier was trained
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.state"] == "PRUNED" and run.data.tags["optuna.pruned_reason"].startswith("synthetic")
+    code, _, err = run_cli(capsys, "tune", "run", "--study", "q2", "--storage", storage, "--trials", "1",
+                             "--work", str(tmp_path / "work2"), *CLIP_SEARCH, "--set", "tune.min_class_agreement=0.5", "--set", "assess.enabled=false")
+    assert code == 2 and "tune.min_class_agreement=0.5 needs assess.enabled=true" in err
+
+
 def test_journal_storage_without_mlflow(capsys, tmp_path):
     journal = tmp_path / "j" / "tune.log"
     code, out, err = run_cli(capsys, "tune", "run", "--study", "j", "--storage", f"journal:///{journal}",
