@@ -188,3 +188,23 @@ def test_openai_tags_get_quick_gelu():
     assert quick_gelu_of("ViT-B-16", "openai") is True
     assert quick_gelu_of("ViT-B-16", "laion2b_s34b_b88k") is False
     assert quick_gelu_of("ViT-B-16", None) is False
+
+
+def test_text_features_on_the_trimmed_context_equal_the_full_context(clip):
+    from datadream.models.clip import encode_text, trim_tokens
+
+    model, tokenizer, _ = clip
+    model = add_clip_lora(model, LORA, init_lora_weights=False)  # a non-identity adapter, as in training
+    tokens = tokenizer(["a photo of a cat", "a photo of a very long and rather unusual dog", "x"])
+    trimmed = trim_tokens(model, tokens)
+    # Cut right after the longest prompt's end-of-text token, which every prompt keeps.
+    assert trimmed.shape[1] == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    assert torch.equal(trimmed.argmax(-1), tokens.argmax(-1))
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        short = encode_text(model, trimmed)
+    # Causal mask + pooling at the end-of-text token: the padding never reaches the features. Only the
+    # matmul shapes differ, so the results agree to float rounding.
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+    # The full context is passed straight to open_clip.
+    assert torch.equal(encode_text(model, tokens), full)

@@ -264,3 +264,46 @@ def set_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source: str
             "was it trained on another models.clip or rank?"
         )
     set_peft_model_state_dict(model, state)
+
+
+# --- text features -----------------------------------------------------------------------------------
+
+
+def _trimmable(model: nn.Module) -> bool:
+    """Whether the text tower is open_clip's causal transformer pooled at the end-of-text token."""
+    return (all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "ln_final", "transformer"))
+            and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
+
+
+def trim_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Class prompts' token ids cut after the longest prompt's end-of-text token (a host tensor in, out).
+
+    Under the causal mask no position attends to a later one, and the features are pooled at the
+    end-of-text token, so the padding after it never reaches the result: `encode_text` on the trimmed
+    ids equals open_clip's `encode_text` on the full 77-token context, at a fraction of the cost.
+    """
+    if not _trimmable(model):
+        return tokens
+    if model.text_pool_type == "eos":
+        last = int((tokens == model.text_eos_id).int().argmax(-1).max())
+    else:
+        last = int(tokens.argmax(-1).max())
+    return tokens[:, : last + 1].contiguous()
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text for a context of any length up to the model's (see trim_tokens)."""
+    from open_clip.transformer import text_global_pool
+
+    n = tokens.shape[1]
+    if not _trimmable(model) or n == model.positional_embedding.shape[0]:
+        return model.encode_text(tokens)
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return x

@@ -8,6 +8,10 @@ epoch; never the test split) and the synthetic folder (`manifest.jsonl`). Output
     head.safetensors    "text_embeddings" [C, D], L2-normalised, computed with that LoRA; "logit_scale"
     classifier.json     written last: fingerprint, classes, model, preprocess, LoRA settings, history
     checkpoints/        while training only: one resumable checkpoint per epoch (datadream.checkpoint)
+    cache/              while training only: the train and val images decoded once (datadream.data.cache)
+
+Images are decoded once into a uint8 cache at training resolution; the paper's augmentations run on
+the device on uint8 batches (docs/method.md, datadream.data.augment).
 
 Re-running with the same inputs is a no-op; re-running after a kill resumes from the newest intact
 checkpoint and ends with the same tensors an uninterrupted run would (on CPU, bit for bit), because
@@ -38,6 +42,8 @@ from tqdm import tqdm
 from datadream import tracking
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
+from datadream.data import augment as aug
+from datadream.data.cache import CachedBatches, EpochBatches, ImageCache, build_image_cache
 from datadream.data.images import ImageRejected, load_rgb
 from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest
 from datadream.data.remote import localize_records
@@ -51,7 +57,15 @@ from datadream.io import (
     sha256_json,
     writes_output,
 )
-from datadream.models.clip import add_clip_lora, get_lora_state, load_clip, lora_parameters, set_lora_state
+from datadream.models.clip import (
+    add_clip_lora,
+    encode_text,
+    get_lora_state,
+    load_clip,
+    lora_parameters,
+    set_lora_state,
+    trim_tokens,
+)
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -60,6 +74,7 @@ MARKER = "classifier.json"
 LORA_FILE = "lora.safetensors"
 HEAD_FILE = "head.safetensors"
 CHECKPOINTS = "checkpoints"
+CACHE = "cache"
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -107,7 +122,10 @@ def eval_transform(preprocess: dict) -> v2.Compose:
 
 
 def train_transform(preprocess: dict, augment: bool) -> v2.Compose:
-    """docs/method.md, Stage 3 augmentations; without `augment`, the eval transform."""
+    """docs/method.md, Stage 3 augmentations per PIL image on the CPU; without `augment`, the eval transform.
+
+    The stage itself runs the same chain on the device (datadream.data.augment, docs/method.md); this
+    per-image form is what benchmarks/cpu_proxies.py measures it against."""
     if not augment:
         return eval_transform(preprocess)
     size = preprocess["image_size"]
@@ -180,7 +198,8 @@ def mix_batch(
     """With probability p, Mixup or CutMix the batch, separately within its real and synthetic parts.
 
     Returns the images and soft targets [N, C]. Real and synthetic are never blended together, so the
-    per-source loss weights stay meaningful.
+    per-source loss weights stay meaningful. `is_real` may stay on the host while the images and
+    labels are on the device (the parts are then selected without waiting on the device).
     """
     targets = F.one_hot(labels, num_classes).float()
     with torch.random.fork_rng(devices=[]):
@@ -201,23 +220,34 @@ def classification_loss(
     """Cross-entropy; with `real_weight`, real_weight·CE(real) + (1 − real_weight)·CE(synthetic).
 
     Which samples are real comes from the manifests' explicit is_real flag (docs/method.md, Stage 3),
-    never from paths. `targets` are class indices or soft targets [N, C].
+    never from paths. `targets` are class indices or soft targets [N, C]. `is_real` may stay on the
+    host: the two means are one weighted sum with per-sample weights, so nothing waits on the device.
     """
     if real_weight is None:
         return F.cross_entropy(logits, targets)
-    loss = logits.new_zeros(())
-    for part, weight in ((is_real, real_weight), (~is_real, 1.0 - real_weight)):
-        if part.any():
-            loss = loss + weight * F.cross_entropy(logits[part], targets[part])
-    return loss
+    flags = is_real.cpu()
+    n_real = int(flags.sum())
+    n_synthetic = len(flags) - n_real
+    weights = torch.where(flags, real_weight / max(n_real, 1), (1.0 - real_weight) / max(n_synthetic, 1))
+    per_sample = F.cross_entropy(logits, targets, reduction="none")
+    return (per_sample * to_device(weights.to(per_sample.dtype), logits.device)).sum()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to `device` without waiting for the device's queue (pinned, non-blocking on CUDA)."""
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 # --- model ---------------------------------------------------------------------------------------------
 
 
 def text_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text embeddings of the class prompts: the classifier's weights."""
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    """L2-normalised text embeddings of the class prompts: the classifier's weights.
+
+    `tokens` may be cut to the longest prompt (models.clip.trim_tokens): the result is the same."""
+    return F.normalize(encode_text(model, tokens), dim=-1)
 
 
 def class_logits(model: nn.Module, images: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
@@ -230,21 +260,27 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def val_accuracy(model, loader, tokens, cfg: ClassifyConfig, device, amp) -> tuple[float | None, int]:
-    """Top-1 on the val split (for choosing the epoch), and the number of rejected files."""
+def val_accuracy(model, cache: ImageCache, labels: torch.Tensor, tokens, cfg: ClassifyConfig, device, amp,
+                 norm: tuple[torch.Tensor, torch.Tensor]) -> tuple[float | None, int]:
+    """Top-1 on the val split (for choosing the epoch) from its uint8 cache, and the number of rejected files.
+
+    The cache holds exactly the evaluation transform's pixels (resize, centre crop), so nothing is
+    decoded again; correct answers are counted on the device and read once."""
     model.eval()
     with autocast_ctx(device, amp):
         head = text_head(model, tokens)
-    correct = seen = rejected = 0
-    for batch in loader:
-        rejected += len(batch.rejected)
-        if not len(batch.labels):
-            continue
+    slots = torch.from_numpy(cache.ok.nonzero()[0])
+    if not len(slots):
+        return None, len(cache.ok)
+    pixels = cache.open()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(slots), cfg.batch_size):
+        idx = slots[start:start + cfg.batch_size]
+        images = to_device(torch.from_numpy(pixels[idx.numpy()]), device)
         with autocast_ctx(device, amp):
-            logits = class_logits(model, batch.images.to(device), head, cfg.logit_scale)
-        correct += int((logits.argmax(-1).cpu() == batch.labels).sum())
-        seen += len(batch.labels)
-    return (correct / seen if seen else None), rejected
+            logits = class_logits(model, aug.normalize(images, *norm), head, cfg.logit_scale)
+        correct += (logits.argmax(-1) == to_device(labels[idx], device)).sum()
+    return int(correct) / len(slots), len(cache.ok) - len(slots)
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -317,6 +353,7 @@ def run(
     if check_output_dir(out, MARKER, fingerprint):
         log.info("classify: %s already holds this classifier (same inputs); nothing to do", out)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / CACHE, ignore_errors=True)
         return out
     out.mkdir(parents=True, exist_ok=True)
     mark_started(out, fingerprint)
@@ -332,19 +369,40 @@ def run(
     model = add_clip_lora(model, cfg).to(device)
     params = lora_parameters(model)
     prompts = [config.data.prompt(c.name) for c in classes]
-    tokens = tokenizer(prompts).to(device)
+    # The context is cut after the longest prompt: the same features for a fraction of the text work,
+    # which is paid every step while the text tower's LoRA trains (≈2.6× the image work at 1,000 classes
+    # with the full 77 tokens).
+    tokens = trim_tokens(model, tokenizer(prompts)).to(device)
     log.info("classify: %d classes, LoRA rank %d on %s (%d trainable tensors, %d parameters)",
              len(classes), cfg.rank, cfg.targets, len(params), sum(p.numel() for p in params))
 
-    # Data: one epoch visits `train` in an order drawn from (seed, epoch); val only picks the epoch.
+    # Data: every image is decoded once, at training resolution, into a uint8 cache; one persistent loader
+    # ships uint8 batches and each sample's augmentation parameters, and the augmentations run on the device.
+    # One epoch visits `train` in an order drawn from (seed, epoch); val only picks the epoch.
     train, real_repeats = training_set(cfg.train_on, real, synthetic)
-    train_tf = train_transform(preprocess, cfg.augment)
     max_pixels = config.data.max_image_pixels
-    val_loader = DataLoader(ImageDataset(val, eval_transform(preprocess), max_pixels),
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    slot_of: dict[int, int] = {}
+    for r in train:
+        slot_of.setdefault(id(r), len(slot_of))
+    unique = list({id(r): r for r in train}.values())
+    cache_dir = out / CACHE
+    train_cache = build_image_cache(unique, preprocess, max_pixels, cache_dir, "train", cfg.num_workers)
+    val_cache = build_image_cache(val, preprocess, max_pixels, cache_dir, "val", cfg.num_workers)
+    val_labels = torch.tensor([r.label for r in val], dtype=torch.long)
+    norm = aug.norm_stats(preprocess, device)
+    size = tuple(train_cache.shape[-2:])
+    draw = partial(aug.draw_params, (seed, "classify", "augment"), size) if cfg.augment else None
+    batches = EpochBatches(len(train), cfg.batch_size, partial(_order, seed))
+    loader = DataLoader(
+        CachedBatches(train_cache, [slot_of[id(r)] for r in train], [r.label for r in train],
+                      [r.is_real for r in train], draw),
+        sampler=batches, batch_size=None, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, floor=cfg.min_lr / cfg.lr)
     )
@@ -370,7 +428,7 @@ def run(
         log.info("classify: resumed from epoch %d", start)
     else:
         start, best_state, best_epoch = 0, get_lora_state(model), 0
-        zero_shot, rejected = val_accuracy(model, val_loader, tokens, cfg, device, amp)
+        zero_shot, rejected = val_accuracy(model, val_cache, val_labels, tokens, cfg, device, amp, norm)
         best_val = zero_shot if zero_shot is not None else -1.0
         history = [{"epoch": 0, "train_loss": None, "val_top1": zero_shot, "rejected": rejected}]
         log.info("classify: zero-shot val top-1 %s", _pct(zero_shot))
@@ -388,34 +446,42 @@ def run(
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         seed_everything(derive_seed(seed, "classify", "epoch", epoch))
-        loader = DataLoader(
-            ImageDataset(train, train_tf, max_pixels, seed=(seed, "classify", "augment", epoch)),
-            batch_size=cfg.batch_size, shuffle=True, generator=generator(seed, "classify", "order", epoch),
-            num_workers=cfg.num_workers, collate_fn=collate,
-        )
+        batches.epoch = epoch
         model.train()
-        loss_sum = seen = rejected = 0
+        seen = rejected = 0
+        losses, sizes = [], []  # per-step losses stay on the device; read once at the end of the epoch
         for step, batch in enumerate(tqdm(loader, desc=f"classify epoch {epoch}/{cfg.epochs}", leave=False)):
-            rejected += len(batch.rejected)
-            if len(batch.labels):
-                images, targets = batch.images, F.one_hot(batch.labels, len(classes)).float()
+            rejected += batch["rejected"]
+            n = len(batch["labels"])
+            if n:
+                images = to_device(batch["images"], device)
                 if cfg.augment:
-                    images, targets = mix_batch(images, batch.labels, batch.is_real, len(classes), cfg.mix_p,
+                    params = {k: to_device(v, device) for k, v in batch["params"].items()}
+                    images = aug.augment_batch(images, params, batch["params"], *norm)
+                else:
+                    images = aug.normalize(images, *norm)
+                labels = to_device(batch["labels"], device)
+                targets = F.one_hot(labels, len(classes)).float()
+                if cfg.augment:
+                    images, targets = mix_batch(images, labels, batch["is_real"], len(classes), cfg.mix_p,
                                                 derive_seed(seed, "classify", "mix", epoch, step))
-                is_real = batch.is_real.to(device)
                 with autocast_ctx(device, amp):
                     # The head is recomputed every step: the text tower's LoRA trains too.
-                    logits = class_logits(model, images.to(device), text_head(model, tokens), cfg.logit_scale)
-                    loss = classification_loss(logits.float(), targets.to(device), is_real, real_weight)
+                    logits = class_logits(model, images, text_head(model, tokens), cfg.logit_scale)
+                    loss = classification_loss(logits.float(), targets, batch["is_real"], real_weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += float(loss.detach()) * len(batch.labels)
-                seen += len(batch.labels)
-                metrics.add({"step_loss": float(loss.detach()), "step_lr": scheduler.get_last_lr()[0]},
-                            (epoch - 1) * steps_per_epoch + step + 1)
+                losses.append(loss.detach())
+                sizes.append((step, n, scheduler.get_last_lr()[0]))
+                seen += n
             scheduler.step()  # one schedule step per batch slot, so the schedule never depends on rejections
+        step_losses = torch.stack(losses).tolist() if losses else []
+        loss_sum = 0.0
+        for value, (step, n, lr) in zip(step_losses, sizes, strict=True):
+            loss_sum += value * n
+            metrics.add({"step_loss": value, "step_lr": lr}, (epoch - 1) * steps_per_epoch + step + 1)
         if rejected:
             log.warning("classify: epoch %d skipped %d unreadable training images", epoch, rejected)
 
@@ -424,7 +490,7 @@ def run(
                                  "lr": scheduler.get_last_lr()[0], "val_top1": None, "rejected": rejected}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             entry["val_top1"], entry["val_rejected"] = val_accuracy(
-                model, val_loader, tokens, cfg, device, amp)
+                model, val_cache, val_labels, tokens, cfg, device, amp, norm)
         history.append(entry)
         metrics.add({"train_loss": entry["train_loss"], "lr": entry["lr"], "val_top1": entry["val_top1"],
                      "train_images_per_s": seen / max(elapsed, 1e-9)}, epoch)
@@ -481,9 +547,15 @@ def run(
                    "train_per_epoch": len(train), "val": len(val)},
         "seed": seed,
     })
+    del loader  # ends the persistent workers before the cache they map is removed
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(out / CACHE, ignore_errors=True)
     log.info("classify: wrote %s (best epoch %d, val top-1 %s)", out, best_epoch, _pct(best_val))
     return out
+
+
+def _order(seed: int, epoch: int) -> torch.Generator:
+    return generator(seed, "classify", "order", epoch)
 
 
 def _pct(x: float | None) -> str:
