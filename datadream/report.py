@@ -55,15 +55,15 @@ def _thumbnail(path: str, size: int) -> Image.Image:
 
 def sample_grid(synthetic_dir: str | os.PathLike, classes: list[ClassInfo] | None = None, per_class: int = 8,
                 thumb: int = 64, fewshot_dir: str | os.PathLike | None = None,
-                max_classes: int = MAX_CLASSES) -> Image.Image:
-    """One row per class: its display name, up to SHOTS real shots (with `fewshot_dir`), a separator,
+                max_classes: int = MAX_CLASSES, shots: int = SHOTS) -> Image.Image:
+    """One row per class: its display name, up to `shots` real shots (with `fewshot_dir`), a separator,
     then the first `per_class` synthetic images by index. Missing images leave blank cells."""
     synthetic_dir = Path(synthetic_dir)
     classes = classes if classes is not None else read_classes(synthetic_dir / "classes.json")
     shown, hidden = classes[:max_classes], max(0, len(classes) - max_classes)
     slugs = [c.slug for c in shown]
     synthetic = _first_images(synthetic_dir / "manifest.jsonl", synthetic_dir, slugs, per_class)
-    shots = SHOTS if fewshot_dir is not None else 0
+    shots = shots if fewshot_dir is not None else 0
     real = _first_images(Path(fewshot_dir) / "train.jsonl", Path(fewshot_dir), slugs, shots) if shots else {}
 
     cell = thumb + PAD
@@ -89,6 +89,78 @@ def sample_grid(synthetic_dir: str | os.PathLike, classes: list[ClassInfo] | Non
     if hidden:
         draw.text((4, height - NOTE_HEIGHT + 4), f"... and {hidden} more class(es)", fill="black", font=font)
     return grid
+
+
+def _label(draw: ImageDraw.ImageDraw, font, text: str, xy: tuple[int, int], width: int) -> None:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-3] + ".." if len(text) > 3 else ""
+    draw.text(xy, text, fill="black", font=font)
+
+
+def near_copy_grid(pairs: list[dict], thumb: int = 96, columns: int = 3) -> Image.Image:
+    """Each near copy beside the real shot it copies, captioned with the class and the cosine similarity;
+    `pairs` are {"image", "shot" (paths), "class", "similarity"[, "dropped"]}."""
+    cell_w, cell_h = 2 * thumb + 3 * PAD + SEPARATOR, thumb + NOTE_HEIGHT + 2 * PAD
+    rows = (len(pairs) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, max(1, rows) * cell_h), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for n, p in enumerate(pairs):
+        x, y = (n % columns) * cell_w + PAD, (n // columns) * cell_h + PAD
+        grid.paste(_thumbnail(p["image"], thumb), (x, y))
+        grid.paste(_thumbnail(p["shot"], thumb), (x + thumb + PAD, y))
+        note = f"{p['class']} cos {p['similarity']:.3f}" + (" (dropped)" if p.get("dropped") else "")
+        _label(draw, font, note, (x, y + thumb + 3), 2 * thumb)
+    return grid
+
+
+def _quality(synthetic_dir: str | os.PathLike | None, fewshot_dir: str | os.PathLike | None,
+             worst: int = 5, max_pairs: int = 12) -> dict | None:
+    """The synthetic set's quality (quality.json): overall figures, the `worst` classes by class agreement
+    (a grid of their images beside their real shots) and the near copies beside the shots they copy."""
+    from datadream import quality
+
+    report = quality.read_report(synthetic_dir) if synthetic_dir is not None else None
+    if report is None:
+        return None
+    synthetic_dir = Path(synthetic_dir)
+    o = report["overall"]
+
+    def num(x, fmt="{:.3f}"):
+        return "–" if x is None else fmt.format(x)
+
+    overall = [("class agreement", _pct(o["class_agreement"])), ("CLIPScore", num(o["clip_score"], "{:.2f}")),
+               ("diversity (real shots)", f"{num(o['diversity'])} ({num(o['real_diversity'])})"),
+               ("near copies", _pct(o["near_copies"])), ("FD (CLIP) to val", num(o["fd_clip"], "{:.4f}")),
+               ("precision / recall (k=3)", f"{num(o['precision'])} / {num(o['recall'])}"),
+               ("images", str(o["images"]))]
+    if o.get("dropped"):
+        overall.append(("dropped by the filter", ", ".join(f"{k} {v}" for k, v in o["dropped"].items())))
+    by_name = sorted(report["classes"].items(), key=lambda kv: (kv[1]["class_agreement"], kv[0]))[:worst]
+    rows = [[name, _pct(e["class_agreement"]), f"{e['clip_score']:.2f}", num(e["diversity"]),
+             num(e["real_diversity"]), _pct(e["near_copies"]),
+             ", ".join(f"{k} {v}" for k, v in sorted(e["assigned_elsewhere"].items(), key=lambda kv: -kv[1])[:3])
+             or "–"] for name, e in by_name]
+    classes = {c.slug: c for c in read_classes(synthetic_dir / "classes.json")}
+    grid = sample_grid(synthetic_dir, [classes[e["slug"]] for _, e in by_name], fewshot_dir=fewshot_dir, shots=4,
+                       per_class=min(8, max(e["images"] for _, e in by_name)))
+
+    def shot(path: str) -> str:
+        return path if Path(path).is_absolute() or fewshot_dir is None else str(Path(fewshot_dir) / path)
+
+    pairs = [{"image": str(synthetic_dir / c["image"]), "shot": shot(c["shot"]), "class": name,
+              "similarity": c["similarity"]} for name, e in report["classes"].items() for c in e["near_copy_images"]]
+    dropped = synthetic_dir / quality.DROPPED
+    if dropped.is_file():
+        names = {c.slug: c.name for c in classes.values()}
+        pairs += [{"image": str(synthetic_dir / d["path"]), "shot": shot(d["shot"]), "class": names[d["class"]],
+                   "similarity": d["similarity"], "dropped": True}
+                  for d in map(json.loads, dropped.read_text().splitlines()) if d["reason"] == "near_copy"]
+    pairs.sort(key=lambda p: -p["similarity"])
+    return {"overall": overall, "threshold": report["copy_threshold"],
+            "header": ["class", "class agreement", "CLIPScore", "diversity", "real diversity", "near copies",
+                       "assigned instead"],
+            "rows": rows, "grid": _data_uri(grid), "near_copies": len(pairs),
+            "pairs": _data_uri(near_copy_grid(pairs[:max_pairs])) if pairs and fewshot_dir is not None else None}
 
 
 def _data_uri(image: Image.Image) -> str:
@@ -262,6 +334,7 @@ def render_html(title: str, results: list[dict], synthetic_dir: str | os.PathLik
     return env.get_template("report.html.j2").render(
         title=title, facts=_facts(run), summary=_summary(results), per_class=_per_class(results, names),
         per_class_plot=per_class_plot, confusions=confusions, samples=samples, extra=_extra_rows(extra),
+        quality=_quality(synthetic_dir, fewshot_dir),
         k=results[0]["metrics"].get("top5_k", 5) if results else 5)
 
 

@@ -166,7 +166,8 @@ def test_a_trial_whose_images_disagree_with_their_classes_is_pruned_before_class
     run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
     assert run.data.tags["optuna.state"] == "PRUNED" and run.data.tags["optuna.pruned_reason"].startswith("synthetic")
     code, _, err = run_cli(capsys, "tune", "run", "--study", "q2", "--storage", storage, "--trials", "1",
-                             "--work", str(tmp_path / "work2"), *CLIP_SEARCH, "--set", "tune.min_class_agreement=0.5", "--set", "assess.enabled=false")
+                           "--work", str(tmp_path / "work2"), *CLIP_SEARCH,
+                           "--set", "tune.min_class_agreement=0.5", "--set", "assess.enabled=false")
     assert code == 2 and "tune.min_class_agreement=0.5 needs assess.enabled=true" in err
 
 

@@ -172,6 +172,7 @@ class _Assessment:
         from datadream import quality
         from datadream.data.remote import localize_records
 
+        t0 = time.perf_counter()
         self.config, self.cfg, self.out, self.q = config, config.assess, out, quality
         self.all_classes = read_classes(fewshot_dir / "classes.json")
         self.embedder = quality.Embedder(config)
@@ -184,7 +185,7 @@ class _Assessment:
         self.kept: list[tuple[int, np.ndarray, list[str]]] = []
         self.real: list[tuple[int, np.ndarray, list[str]]] = []
         self.dropped: list[dict] = []
-        self.seconds = 0.0
+        self.seconds = time.perf_counter() - t0  # everything the assessment costs, CLIP loading included
 
     def _shot_name(self, path: str) -> str:
         try:
@@ -227,9 +228,7 @@ class _Assessment:
         return judged.kept
 
     def features(self):
-        t0 = time.perf_counter()
         val = self.embedder.images([r.path for r in self.val]) if self.val else np.zeros((0, self.text.shape[1]))
-        self.seconds += time.perf_counter() - t0
 
         def stack(parts, width):
             return (np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, width), np.float32),
@@ -246,12 +245,14 @@ class _Assessment:
         """Write the features, dropped.jsonl and quality.json (before the marker); the marker's summary."""
         from datadream.io import atomic_write_jsonl
 
+        t0 = time.perf_counter()
         feats = self.features()
         feats.save(self.out / self.q.FEATURES)
         atomic_write_jsonl(self.out / self.q.DROPPED, self.dropped)
         report = self.q.summarize(feats, self.all_classes, self.cfg.copy_threshold,
                                   self.dropped if self.cfg.filter != "none" else None)
         atomic_write_json(self.out / self.q.REPORT, report)
+        self.seconds += time.perf_counter() - t0
         log.info("generate: assessed %d image(s) with the base CLIP in %.1f s: class agreement %s, FD %s",
                  self.embedder.images_seen, self.seconds, report["overall"]["class_agreement"],
                  report["overall"]["fd_clip"])
