@@ -30,6 +30,20 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet and text encoder (adapt), the UNet and VAE (generate) and both CLIP "
+        "towers (classify), in place. CUDA only: on CPU the models stay eager whatever this says.",
+    )
+    channels_last: bool = Field(
+        False, description="UNet and VAE weights and activations in channels-last memory format (CUDA only)."
+    )
+    attention: Literal["sdpa", "flash", "classic"] = Field(
+        "sdpa",
+        description="SD attention kernel: sdpa = torch's scaled_dot_product_attention, which picks the kernel "
+        "(diffusers' default); flash = SDPA limited to flash-attention, with the math kernel where flash cannot "
+        "run (CUDA only); classic = diffusers' AttnProcessor (explicit softmax, no SDPA).",
+    )
 
 
 class DataConfig(Section):

@@ -237,3 +237,58 @@ def load_sd_pipeline(models: ModelsConfig, dtype=None):
     return pipe
 
 
+
+
+# --- speed options (run.compile, run.channels_last, run.attention) --------------------------------------
+
+
+def apply_speed_options(run, device, *, unet=None, vae=None, text_encoder=None) -> list[str]:
+    """Apply the run section's speed options to the given SD modules, in place; returns what was applied.
+
+    run.attention=classic sets diffusers' AttnProcessor (any device). channels_last and compile act on
+    CUDA only: CPU runs (tests, the tiny preset) stay eager. Compilation is nn.Module.compile, in place,
+    so parameter names (and so LoRA state dict keys and checkpoints) do not change.
+    """
+    import torch
+
+    applied = []
+    if run.attention == "classic":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for m in (unet, vae):
+            if m is not None:
+                m.set_attn_processor(AttnProcessor())
+        applied.append("attention=classic")
+    if getattr(device, "type", device) != "cuda":
+        return applied
+    if run.channels_last:
+        for m in (unet, vae):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if run.compile:
+        # Generation swaps adapters per class and adapt re-initialises them per unit; raise dynamo's
+        # recompile limit (default 8) so that it does not fall back to eager without saying so.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+        for m in (unet, text_encoder):
+            if m is not None:
+                m.compile()
+        if vae is not None:
+            vae.decoder.compile()
+        applied.append("compile")
+    return applied
+
+
+def attention_context(run, device):
+    """The SDPA kernel choice for run.attention=flash (flash, math where flash cannot run); else nothing."""
+    import contextlib
+
+    if run.attention != "flash":
+        return contextlib.nullcontext()
+    if getattr(device, "type", device) != "cuda":
+        raise UserError("run.attention=flash needs a CUDA device; use sdpa on CPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MARKER = "adapter.json"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 DATASET_UNIT = "dataset"
+LOG_EVERY = 25  # steps between reads of the loss from the device (MLflow still gets every step)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, 
 def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> None:
     from peft import LoraConfig
 
-    from datadream.models.sd import load_sd_components
+    from datadream.models.sd import apply_speed_options, attention_context, load_sd_components
 
     cfg = config.adapt
     # Load once per process: a shard of classes shares the frozen model (docs/architecture.md).
@@ -165,11 +166,23 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
     lora_params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad}
     for p in lora_params.values():
         p.data = p.data.float()
+    if amp is not None:
+        # peft casts each LoRA layer's input to the fp32 LoRA weights' dtype; under autocast the matmuls run
+        # in `amp` anyway, so that cast is a wasted op (and a bf16 -> fp32 copy) per adapted layer and step.
+        from peft.tuners.lora import LoraLayer
+
+        for m in (*unet.modules(), *text_encoder.modules()):
+            if isinstance(m, LoraLayer):
+                m.cast_input_dtype_enabled = False
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
+    applied = apply_speed_options(config.run, device, unet=unet,
+                                  text_encoder=text_encoder if cfg.train_text_encoder else None)
+    if applied:
+        log.info("adapt: speed options %s", ", ".join(applied))
     models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
     # MLflow (when tracked): loss and lr per step; units follow each other on one step axis.
     offset = 0
@@ -178,7 +191,8 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
             if (out / unit.name / "adapter.json").exists():
                 log.info("adapt: %s already trained; skipping", unit.name)
             else:
-                _train_unit(config, unit, models, lora_params, device, amp, out, stop, metrics, offset)
+                with attention_context(config.run, device):
+                    _train_unit(config, unit, models, lora_params, device, amp, out, stop, metrics, offset)
             offset += total_steps(config, len(unit.records))
 
 
@@ -203,17 +217,36 @@ def _encode_latents(vae, unit: Unit, resolution: int | None, device, dtype) -> l
     return out
 
 
-def _batch_latents(latent_stats, idx, crop: int, g: torch.Generator) -> torch.Tensor:
-    """Sample latents for a batch: random crop (seeded) then a draw from each latent distribution."""
+def _batch_latents(latent_stats, idx, crop: int, g: torch.Generator, on_device=None) -> torch.Tensor:
+    """Sample latents for a batch: random crop (seeded) then a draw from each latent distribution.
+
+    The crops and the standard-normal draws come from `g` on the CPU; with `on_device` (the same stats on
+    the GPU) only the draws travel and the crop and the sum happen there. Same numbers either way.
+    """
     batch = []
     for i in idx.tolist():
         stats = latent_stats[i]
         h, w = stats.shape[-2:]
         top = int(torch.randint(0, h - crop + 1, (1,), generator=g))
         left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
+        eps = torch.randn((stats.shape[1], crop, crop), generator=g)
+        if on_device is not None:
+            stats, eps = on_device[i], _to_device(eps, on_device[i].device)
         mean, std = stats[:, :, top : top + crop, left : left + crop]
-        batch.append(mean + std * torch.randn(mean.shape, generator=g))
+        batch.append(mean + std * eps)
     return torch.stack(batch)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to `device` without waiting for the device's queue (pinned, non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _optimizer_impl(device: torch.device) -> dict:
+    """AdamW's fused kernel where torch has one for the device, else its multi-tensor (foreach) form."""
+    return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
 
 
 def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path, stop,
@@ -236,7 +269,9 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
         if isinstance(m, LoraLayer):
             m.reset_lora_parameters("default", init_lora_weights="gaussian")
     params = list(lora_params.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    # Fused AdamW: one kernel for all LoRA tensors instead of a dozen ops per tensor (CUDA and CPU).
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
+                                  **_optimizer_impl(device))
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
 
     # Data: latents once per image; the crop size in latent space follows the training resolution.
@@ -249,6 +284,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
     prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt").input_ids.to(device)
     prompt_of = torch.tensor([prompts.index(p) for p in unit.prompts])
+    stats_dev = [s.to(device) for s in latent_stats] if device.type == "cuda" else None
 
     # Resume from the newest intact checkpoint of this unit, if a previous attempt was killed.
     ckpt_dir = out / "checkpoints" / unit.name
@@ -268,16 +304,34 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
     t0, seen = time.perf_counter(), 0
+    # Losses stay on the device and are read in one go every LOG_EVERY steps (and at checkpoints and the
+    # end): no step waits for the device to report back.
+    pending: list[tuple[int, float, torch.Tensor]] = []
+    last_loss = float("nan")
+
+    def drain() -> None:
+        nonlocal last_loss
+        if not pending:
+            return
+        values = torch.stack([loss for _, _, loss in pending]).tolist()
+        for (step_no, lr, _), value in zip(pending, values, strict=True):
+            metrics.add({"loss": value, "lr": lr}, offset + step_no)
+        last_loss = values[-1]
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{pending[-1][1]:.2e}")
+        pending.clear()
+
     bar = tqdm(range(start, steps), desc=f"adapt {unit.name}", unit="step", leave=False)
     for step in bar:
         epoch, i = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=generator(seed, unit.name, "epoch", epoch))
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         g = generator(seed, unit.name, "step", step)
-        latents = _batch_latents(latent_stats, idx, crop, g) * vae.config.scaling_factor
+        # Every draw stays on the CPU generator (bit-for-bit resumable); only the results travel.
+        latents = _batch_latents(latent_stats, idx, crop, g, stats_dev) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        latents = latents.to(device)
+        noise, timesteps, which = (_to_device(t, device) for t in (noise, timesteps, prompt_of[idx]))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -286,7 +340,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
 
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             # One text-encoder pass per distinct prompt (text LoRA trains, so it is recomputed each step).
-            hidden = text_encoder(prompt_ids)[0][prompt_of[idx].to(device)]
+            hidden = text_encoder(prompt_ids)[0][which]
             pred = unet(noisy.to(unet.dtype), timesteps, hidden).sample
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
@@ -295,23 +349,25 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(idx)
-        lr = scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        metrics.add({"loss": loss.item(), "lr": lr}, offset + step + 1)
+        pending.append((step + 1, scheduler.get_last_lr()[0], loss.detach()))
 
         done = step + 1
+        if done % LOG_EVERY == 0:
+            drain()
         if done < steps and (done % cfg.checkpoint_every == 0 or stop["requested"]):
+            drain()
             save_checkpoint(ckpt_dir, done, {k: p.detach() for k, p in lora_params.items()},
                             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                            {"unit": unit.name, "loss": loss.item()})
+                            {"unit": unit.name, "loss": last_loss})
             if stop["requested"]:
                 raise _StopRequested
+    drain()
     elapsed = time.perf_counter() - t0
     if steps > start:
         metrics.add({"steps_per_s": (steps - start) / max(elapsed, 1e-9),
                      "images_per_s": seen / max(elapsed, 1e-9)}, offset + steps)
     log.info("adapt: %s trained %d steps (%.2f steps/s, final loss %.4f)", unit.name, steps - start,
-             (steps - start) / max(elapsed, 1e-9), loss.item() if steps > start else float("nan"))
+             (steps - start) / max(elapsed, 1e-9), last_loss)
 
     # Save in diffusers' LoRA format, built under a temporary name and renamed into place.
     tmp = Path(tempfile.mkdtemp(prefix=f".{unit.name}.", dir=out))
