@@ -226,12 +226,27 @@ def make_dataset(work: Path, classes: int, image_size: int, seed: int) -> Path:
 
 
 def tile_manifest(src: Path, dst: Path, n: int) -> int:
-    """Write a manifest of n records cycling through src's (absolute paths, so it can live anywhere)."""
+    """Write a manifest of n records cycling through src's. A stage reads only images inside a manifest's
+    own folder, so each record's image is hard-linked (copied across file systems) into dst's folder."""
+    import dataclasses
+    import os
+    import shutil
+
     from datadream.data.manifest import read_manifest, write_manifest
 
     records = read_manifest(src)
-    tiled = [records[i % len(records)] for i in range(n)]
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    images = dst.parent / f"{dst.stem}-images"
+    images.mkdir(parents=True, exist_ok=True)
+    tiled = []
+    for i in range(n):
+        r = records[i % len(records)]
+        link = images / f"{i:06d}{Path(r.path).suffix}"
+        if not link.exists():
+            try:
+                os.link(r.path, link)
+            except OSError:
+                shutil.copyfile(r.path, link)
+        tiled.append(dataclasses.replace(r, path=str(link)))
     write_manifest(dst, tiled)
     return len(tiled)
 

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from datadream.data.images import ImageRejected, load_rgb
-from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest
+from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest, verify_records
 from datadream.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ LABEL_WIDTH, PAD, SEPARATOR, NOTE_HEIGHT = 128, 2, 10, 20  # grid geometry in pi
 def _first_images(manifest: Path, folder: Path, slugs: list[str], n: int) -> dict[str, list[str]]:
     """The first `n` image paths per class: from the manifest by index, else from `<slug>/*.png` by name."""
     if manifest.is_file():
-        records: list[Record] = sorted(read_manifest(manifest), key=lambda r: r.extra.get("index", 0))
-        return {s: [r.path for r in records if r.cls == s][:n] for s in slugs}
+        # Only the images shown are checked (confined to the set, regular, hash as recorded), not all of them.
+        records: list[Record] = sorted(read_manifest(manifest, verify=False), key=lambda r: r.extra.get("index", 0))
+        shown = {s: [r for r in records if r.cls == s][:n] for s in slugs}
+        verify_records(manifest, [r for rs in shown.values() for r in rs])
+        return {s: [r.path for r in rs] for s, rs in shown.items()}
     return {s: [str(p) for p in sorted((folder / s).glob("*.png"))[:n]] for s in slugs}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 
 from datadream.data.manifest import Record, read_manifest, write_manifest
 from datadream.errors import UserError
+from datadream.io import sha256_file
 from datadream.stages import classify, evaluate
 
 
@@ -30,10 +33,11 @@ def zero_shot(toy, tmp_path_factory, tiny):
 
 def test_metrics_are_consistent_and_rejected_images_are_counted(toy, zero_shot, tiny, tmp_path, caplog):
     fewshot, _ = toy
-    records = read_manifest(fewshot / "test.jsonl")
+    records = [dataclasses.replace(r, path=str(shutil.copy(r.path, tmp_path))) for r in
+               read_manifest(fewshot / "test.jsonl")]
     broken = tmp_path / "broken.png"
     broken.write_bytes((fewshot / "test" / "c0_0.png").read_bytes()[:60])  # truncated PNG
-    write_manifest(tmp_path / "test.jsonl", [*records, Record(str(broken), 1, "class1", "x", True)])
+    write_manifest(tmp_path / "test.jsonl", [*records, Record(str(broken), 1, "class1", sha256_file(broken), True)])
 
     metrics = evaluate.run(tiny(), zero_shot, tmp_path / "test.jsonl", tmp_path / "eval")
     out = tmp_path / "eval"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,3 +148,69 @@ def test_racing_fewshot_runs_fail_cleanly(tmp_path, demo_dataset):
         if r.returncode:
             assert "another run is writing this folder" in one_line(r)
     assert (out / "fewshot.json").is_file() and not lock_path(out).exists()
+
+
+# --- inputs verified against their manifests -------------------------------------------------------------
+
+
+def _main_error(capsys, argv: list[str]) -> str:
+    from datadream.cli import main
+
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_a_changed_or_deleted_shot_is_refused_not_trained_on(tmp_path, fewshot_set, capsys):
+    from datadream.cli import main
+
+    fs = tmp_path / "fs"
+    shutil.copytree(fewshot_set, fs)
+    args = ["adapt", "--fewshot", str(fs), "--mode", "dataset", "--preset", "tiny", "--set", "adapt.max_steps=1"]
+    assert main(["-q", *args, "--out", str(tmp_path / "ad")]) == 0
+    shots = sorted((fs / "train").rglob("*.png"))
+    shots[0].write_bytes(shots[1].read_bytes())  # replaced on disk; train.jsonl still has the old hash
+    line = _main_error(capsys, [*args, "--out", str(tmp_path / "ad")])  # the finished run: not a stale no-op
+    assert f"{shots[0]}: changed since" in line
+    line = _main_error(capsys, [*args, "--out", str(tmp_path / "ad2")])
+    assert f"{shots[0]}: changed since" in line
+    assert not (tmp_path / "ad2").exists()  # nothing left behind, not even .fingerprint
+    shots[0].unlink()
+    line = _main_error(capsys, [*args, "--out", str(tmp_path / "ad2")])
+    assert f"{shots[0]}: listed in" in line and "missing" in line
+    assert not (tmp_path / "ad2").exists()
+
+
+def test_manifest_entries_must_be_regular_files_inside_the_set(tmp_path, tiny):
+    from helpers import colour_task
+
+    from datadream.data.manifest import Record, read_manifest, write_manifest
+    from datadream.io import sha256_file
+    from datadream.stages import classify, evaluate
+
+    fewshot, synthetic = colour_task(tmp_path, shots=2, test=1, synthetic_per_class=1)
+    good = read_manifest(fewshot / "test.jsonl")
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(good[0].path, outside)
+    link = fewshot / "test" / "link.png"
+    link.symlink_to(outside)
+    fifo = fewshot / "test" / "fifo.png"
+    os.mkfifo(fifo)
+    cases = {outside: "lies outside", link: "lies outside", fifo: "not a regular file"}
+    for path, problem in cases.items():
+        digest = sha256_file(outside)
+        write_manifest(fewshot / "test.jsonl", [*good, Record(str(path), 0, "class0", digest, True)])
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=problem):
+            read_manifest(fewshot / "test.jsonl")
+        assert time.monotonic() - t0 < 5  # the FIFO is never opened
+    # A stage refuses it before any work and leaves no output behind.
+    write_manifest(fewshot / "val.jsonl", [*good, Record(str(fifo), 0, "class0", "0" * 64, True)])
+    with pytest.raises(UserError, match="not a regular file"):
+        classify.run(tiny("classify.epochs=0"), fewshot, synthetic, tmp_path / "clf")
+    assert not (tmp_path / "clf").exists()
+    write_manifest(fewshot / "test.jsonl", [*good, Record(str(fifo), 0, "class0", "0" * 64, True)])
+    with pytest.raises(UserError, match="not a regular file"):
+        evaluate.run(tiny(), tmp_path / "no-classifier-needed", fewshot / "test.jsonl", tmp_path / "ev")

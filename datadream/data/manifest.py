@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datadream.errors import UserError
-from datadream.io import atomic_write_json, atomic_write_jsonl, read_json
+from datadream.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_cached
 
 _SLUG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -69,12 +71,17 @@ def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
     atomic_write_jsonl(path, (r.to_json(path.parent) for r in records))
 
 
-def read_manifest(path: str | os.PathLike) -> list[Record]:
+def read_manifest(path: str | os.PathLike, verify: bool = True) -> list[Record]:
+    """The records of a manifest. With `verify` (the default) every local image is checked before any
+    work: it must lie inside the manifest's folder (or the dataset root its set's fewshot.json records),
+    be a regular file, and have the sha256 the manifest records (see `verify_records`)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -83,15 +90,85 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object per line")
         missing = [k for k in _REQUIRED if k not in row]
         if missing:
             raise UserError(f"{path}:{n}: missing key(s) {', '.join(missing)}")
         p = row.pop("path")
+        if not isinstance(p, str) or not p or "\x00" in p:
+            raise UserError(f"{path}:{n}: path must be a non-empty string")
         if not is_remote(p) and not Path(p).is_absolute():
             p = str(path.parent / p)
-        records.append(Record(str(p), int(row.pop("label")), row.pop("class"), row.pop("sha256"),
-                              bool(row.pop("is_real")), row))
+        try:
+            records.append(Record(str(p), int(row.pop("label")), str(row.pop("class")), str(row.pop("sha256")),
+                                  bool(row.pop("is_real")), row))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}:{n}: bad label ({e})") from None
+    if verify:
+        verify_records(path, records)
     return records
+
+
+def allowed_roots(manifest: str | os.PathLike) -> list[Path]:
+    """Where a manifest's images may live: its own folder, and the local dataset root that the few-shot
+    set beside it (fewshot.json) was sampled from (its val/test records point into the dataset)."""
+    folder = Path(manifest).parent
+    roots = [folder]
+    summary = folder / "fewshot.json"
+    if summary.is_file():
+        dataset = read_json(summary).get("dataset")
+        if isinstance(dataset, str) and dataset and not is_remote(dataset):
+            roots.append(Path(dataset))
+    return roots
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def verify_records(manifest: str | os.PathLike, records: list[Record], workers: int = 8) -> None:
+    """Check every local record against the manifest before a stage reads it; UserError naming the first
+    file that fails: a path (after symlinks) outside `allowed_roots`, a missing file, anything but a
+    regular file (a FIFO is refused, never opened), or content whose sha256 differs from the recorded one.
+
+    Files are hashed once per process for the same (path, size, mtime) (`io.sha256_cached`); objects on
+    S3 are checked where they are downloaded (`data.remote.localize_records`).
+    """
+    local = [r for r in records if not is_remote(r.path)]
+    if not local:
+        return
+    roots = [os.path.realpath(r) for r in allowed_roots(manifest)]
+    real = {}
+    for r in local:
+        resolved = os.path.realpath(r.path)
+        if not _inside(resolved, roots):
+            raise UserError(f"{manifest}: {r.path} lies outside {roots[0]}"
+                            + (f" and {roots[1]}" if len(roots) > 1 else "")
+                            + "; a manifest may only list images of its own set")
+        try:
+            st = os.stat(resolved)
+        except FileNotFoundError:
+            raise UserError(f"{r.path}: listed in {manifest} but missing; re-run the stage that made "
+                            f"{Path(manifest).parent}") from None
+        except OSError as e:
+            raise UserError(f"{r.path}: listed in {manifest} but unreadable ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{r.path}: listed in {manifest} but not a regular file")
+        real[r.path] = resolved
+
+    def check(r: Record) -> tuple[Record, str | None]:
+        try:
+            return r, sha256_cached(real[r.path])
+        except OSError:
+            return r, None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(local)))) as pool:
+        for r, digest in pool.map(check, local):
+            if digest != r.sha256:
+                found = "unreadable" if digest is None else f"sha256 {digest[:12]}…, recorded {r.sha256[:12]}…"
+                raise UserError(f"{r.path}: changed since {manifest} listed it ({found}); re-run the stage that "
+                                f"made {Path(manifest).parent}")
 
 
 def write_classes(path: str | os.PathLike, classes: list[ClassInfo]) -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from datadream.config import ClassifyConfig, Config, ModelsConfig, RunConfig
 from datadream.data.images import RejectionCounts
-from datadream.data.manifest import ClassInfo
+from datadream.data.manifest import ClassInfo, read_manifest
 from datadream.errors import UserError
 from datadream.io import (
     atomic_write_json,
@@ -136,10 +136,11 @@ def confusion_csv(confusion: torch.Tensor, classes: list[ClassInfo]) -> str:
 def run(config: Config, classifier_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> dict:
     """Score the classifier on the manifest (the few-shot test.jsonl); returns the metrics dict."""
     classifier_dir, manifest_path, out = Path(classifier_dir), Path(manifest_path), Path(out_dir)
-    if not (classifier_dir / MARKER).is_file():
-        raise UserError(f"{classifier_dir}: no {MARKER}; not a finished classify output")
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path}: test manifest not found")
+    read_manifest(manifest_path)  # every image checked against its recorded sha256 before the model loads
+    if not (classifier_dir / MARKER).is_file():
+        raise UserError(f"{classifier_dir}: no {MARKER}; not a finished classify output")
     fingerprint = sha256_json({
         "classifier": sha256_file(classifier_dir / MARKER),
         "manifest": sha256_file(manifest_path),
