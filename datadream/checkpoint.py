@@ -10,20 +10,21 @@ newest folder whose COMMITTED.json checks out and ignores the rest.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
-from datadream.io import atomic_write_json, sha256_file
+from datadream.io import atomic_write_bytes, atomic_write_json, mkdtemp, sha256_file
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d+)$")
@@ -47,10 +48,15 @@ def save_checkpoint(
 ) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".ckpt-{step}.", suffix=".tmp", dir=root))
+    tmp = Path(mkdtemp(prefix=f".ckpt-{step}.", suffix=".tmp", dir=root))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "weights.safetensors")
-        torch.save(state, tmp / "state.pt")
+        # Serialised in memory and written by us: a full disk is then an OSError naming the file, where
+        # torch's zip writer would say only "unexpected pos".
+        atomic_write_bytes(tmp / "weights.safetensors",
+                           save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / "state.pt", buf.getvalue())
         files = {n: sha256_file(tmp / n) for n in ("weights.safetensors", "state.pt")}
         atomic_write_json(tmp / "COMMITTED.json", {"step": step, "files": files, "meta": meta or {}})
         final = root / f"ckpt-{step}"

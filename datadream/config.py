@@ -8,8 +8,9 @@ preset; `paper/<dataset>` adds one of the paper's datasets (datadream/presets/__
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,10 +19,12 @@ from datadream import presets
 from datadream.errors import UserError
 
 CONFIG_DIR = presets.DIR  # the preset YAML files, package data
+TEMPLATE_FIELDS = ("domain", "name")  # what data.template may use
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every number is finite (`.inf`, `.nan` and `1e400` are refused); sizes also have upper bounds that fit a GPU.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -73,8 +76,23 @@ class DataConfig(Section):
     )
     split_seed: int = Field(0, description="Seed of the val/test carve-out; fixed so test sets agree across seeds.")
     max_image_pixels: int = Field(
-        89_478_485, gt=0, description="Pillow decompression-bomb threshold (width×height); larger is an error."
+        89_478_485, gt=0, le=2**31,
+        description="Pillow decompression-bomb threshold (width×height); larger is an error."
     )
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, v: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+        unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}}; a template may use {{domain}} and {{name}}")
+        if "name" not in fields:
+            raise ValueError("the template must contain {name}, or every class gets the same prompt")
+        return v
 
     def prompt(self, name: str) -> str:
         domain = f"{self.domain.strip()} " if self.domain.strip() else ""
@@ -103,7 +121,9 @@ class ModelsConfig(Section):
 
 
 class FewShotConfig(Section):
-    shots: int = Field(16, ge=1, description="Real images per class, k (docs/method.md, Stage 0: 16 is headline).")
+    shots: int = Field(
+        16, ge=1, le=10_000, description="Real images per class, k (docs/method.md, Stage 0: 16 is headline)."
+    )
     seed: int = Field(1, description="Sampling seed (docs/method.md, Stage 0: seeds 1, 5, 10).")
 
 
@@ -111,8 +131,10 @@ class AdaptConfig(Section):
     mode: Literal["class", "dataset"] = Field(
         "class", description="class = one LoRA per class; dataset = one LoRA on all classes (docs/method.md, Stage 1)."
     )
-    rank: int = Field(16, ge=1, description="LoRA rank (docs/method.md, Stage 1: 16).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale = alpha/rank (docs/method.md, Stage 1: 16).")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (docs/method.md, Stage 1: 16).")
+    alpha: float = Field(
+        16.0, gt=0, le=1e5, description="LoRA alpha; scale = alpha/rank (docs/method.md, Stage 1: 16)."
+    )
     unet_targets: list[str] = Field(
         ["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention projections (docs/method.md, Stage 1)."
     )
@@ -120,30 +142,46 @@ class AdaptConfig(Section):
     text_targets: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text encoder projections (docs/method.md, Stage 1)."
     )
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (docs/method.md, Stage 1: 1e-4).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (docs/method.md, Stage 1).")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (docs/method.md, Stage 1: 1e-2).")
-    eps: float = Field(1e-8, gt=0, description="AdamW eps (docs/method.md, Stage 1: 1e-8).")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip (docs/method.md, Stage 1: 1.0).")
-    warmup_steps: int = Field(100, ge=0, description="Cosine schedule warm-up steps (docs/method.md, Stage 1: 100).")
-    epochs: int = Field(200, ge=1, description="Epochs over the adapter's images (docs/method.md, Stage 1: 200).")
-    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (search fidelity); None = epochs.")
-    batch_size: int = Field(8, ge=1, description="Images per step (docs/method.md, Stage 1: 8).")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (docs/method.md, Stage 1: 1e-4).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1) (docs/method.md, Stage 1).")
+    weight_decay: float = Field(1e-2, ge=0, le=10, description="AdamW weight decay (docs/method.md, Stage 1: 1e-2).")
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW eps (docs/method.md, Stage 1: 1e-8).")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Gradient-norm clip (docs/method.md, Stage 1: 1.0).")
+    warmup_steps: int = Field(
+        100, ge=0, le=10**7, description="Cosine schedule warm-up steps (docs/method.md, Stage 1: 100)."
+    )
+    epochs: int = Field(
+        200, ge=1, le=10**6, description="Epochs over the adapter's images (docs/method.md, Stage 1: 200)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=10**8, description="Cap on optimizer steps (search fidelity); None = epochs."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Images per step (docs/method.md, Stage 1: 8).")
     resolution: int | None = Field(
-        512, ge=8, description="Training resolution in px (docs/method.md, Stage 1: 512); None = the model's own."
+        512, ge=8, le=4096,
+        description="Training resolution in px (docs/method.md, Stage 1: 512); None = the model's own."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
-    checkpoint_every: int = Field(100, ge=1, description="Publish a resumable checkpoint every N steps.")
+    checkpoint_every: int = Field(100, ge=1, le=10**8, description="Publish a resumable checkpoint every N steps.")
 
 
 class GenerateConfig(Section):
-    images_per_class: int = Field(500, ge=1, description="Synthetic images per class (docs/method.md, Stage 2: 500).")
-    guidance_scale: float = Field(2.0, ge=0, description="Classifier-free guidance (docs/method.md, Stage 2: 2.0).")
-    steps: int = Field(50, ge=1, description="Denoising steps, model's scheduler (docs/method.md, Stage 2: 50).")
-    lora_scale: float = Field(1.0, ge=0, description="Adapter scale at inference (docs/method.md, Stage 2: 1.0).")
-    batch_size: int = Field(10, ge=1, description="Images per pipeline call (tune to the GPU's memory).")
+    images_per_class: int = Field(
+        500, ge=1, le=100_000, description="Synthetic images per class (docs/method.md, Stage 2: 500)."
+    )
+    guidance_scale: float = Field(
+        2.0, ge=0, le=100, description="Classifier-free guidance (docs/method.md, Stage 2: 2.0)."
+    )
+    steps: int = Field(
+        50, ge=1, le=1000, description="Denoising steps, model's scheduler (docs/method.md, Stage 2: 50)."
+    )
+    lora_scale: float = Field(
+        1.0, ge=0, le=100, description="Adapter scale at inference (docs/method.md, Stage 2: 1.0)."
+    )
+    batch_size: int = Field(10, ge=1, le=1024, description="Images per pipeline call (tune to the GPU's memory).")
     resolution: int | None = Field(
-        None, ge=8, description="Output size in px; None = the model's own (512 for SD 2.1 base)."
+        None, ge=8, le=4096, description="Output size in px; None = the model's own (512 for SD 2.1 base)."
     )
 
 
@@ -180,8 +218,8 @@ class ClassifyConfig(Section):
     train_on: Literal["synthetic", "synthetic+real", "real"] = Field(
         "synthetic", description="Training data: synthetic only, synthetic plus the real shots, or real only."
     )
-    rank: int = Field(16, ge=1, description="CLIP LoRA rank (docs/method.md, Stage 3: 16).")
-    alpha: float = Field(32.0, gt=0, description="CLIP LoRA alpha (docs/method.md, Stage 3: 32).")
+    rank: int = Field(16, ge=1, le=1024, description="CLIP LoRA rank (docs/method.md, Stage 3: 16).")
+    alpha: float = Field(32.0, gt=0, le=1e5, description="CLIP LoRA alpha (docs/method.md, Stage 3: 32).")
     dropout: float = Field(
         0.1, ge=0, lt=1,
         description="LoRA dropout (docs/method.md, Stage 3: 0.1). Not applied with targets='attn': peft's "
@@ -193,24 +231,24 @@ class ClassifyConfig(Section):
         description="LoRA on every attention block of both towers: peft wraps nn.MultiheadAttention, adapting "
         "the fused q,k,v projection and out_proj (docs/method.md, Stage 3 note on open_clip 3.3).",
     )
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (docs/method.md, Stage 3: 1e-4).")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (docs/method.md, Stage 3: 1e-4).")
-    min_lr: float = Field(1e-8, ge=0, description="Cosine schedule floor (docs/method.md, Stage 3: 1e-8).")
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
-    epochs: int = Field(60, ge=0, description="Epochs; 0 = zero-shot (docs/method.md, Stage 3: 60, LoFT).")
-    batch_size: int = Field(64, ge=1, description="Images per step (docs/method.md, Stage 3: 64).")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (docs/method.md, Stage 3: 1e-4).")
+    weight_decay: float = Field(1e-4, ge=0, le=10, description="AdamW weight decay (docs/method.md, Stage 3: 1e-4).")
+    min_lr: float = Field(1e-8, ge=0, le=1, description="Cosine schedule floor (docs/method.md, Stage 3: 1e-8).")
+    warmup_steps: int = Field(50, ge=0, le=10**7, description="Linear warm-up steps before the cosine decay.")
+    epochs: int = Field(60, ge=0, le=10**5, description="Epochs; 0 = zero-shot (docs/method.md, Stage 3: 60, LoFT).")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Images per step (docs/method.md, Stage 3: 64).")
     real_weight: float = Field(
         0.8, ge=0, le=1, description="Loss weight of real images in synthetic+real (docs/method.md, Stage 3: 0.8)."
     )
     augment: bool = Field(True, description="docs/method.md, Stage 3 augmentations (RandAugment … solarize).")
     mix_p: float = Field(0.2, ge=0, le=1, description="Probability of Mixup/CutMix on a batch (docs/method.md: 0.2).")
-    logit_scale: float = Field(100.0, gt=0, description="logits = scale·cos (docs/method.md, Stage 3: 100).")
-    val_every: int = Field(1, ge=1, description="Evaluate on val (for epoch selection) every N epochs.")
-    num_workers: int = Field(4, ge=0, description="DataLoader worker processes.")
+    logit_scale: float = Field(100.0, gt=0, le=1000, description="logits = scale·cos (docs/method.md, Stage 3: 100).")
+    val_every: int = Field(1, ge=1, le=10**5, description="Evaluate on val (for epoch selection) every N epochs.")
+    num_workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes.")
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+    batch_size: int = Field(256, ge=1, le=65_536, description="Images per forward pass.")
 
 
 # Settings a search campaign may vary, and their types (adapt = SD LoRA, classify = CLIP LoRA).
@@ -356,6 +394,10 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path}: is a folder, expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
     return _parse_yaml(text, f"config file {path}")
 
 
@@ -389,8 +431,9 @@ def parse_override(text: str) -> dict:
         raise UserError(f"--set {text!r}: empty part in key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]}); quote a "
+                        f"string, e.g. --set '{key.strip()}=\"{raw}\"'") from None
     for p in reversed(parts):
         value = {p: value}
     return value

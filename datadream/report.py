@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from datadream.data.images import ImageRejected, load_rgb
 from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest, verify_records
+from datadream.errors import UserError
 from datadream.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,18 @@ def _first_images(manifest: Path, folder: Path, slugs: list[str], n: int) -> dic
         # Only the images shown are checked (confined to the set, regular, hash as recorded), not all of them.
         records: list[Record] = sorted(read_manifest(manifest, verify=False), key=lambda r: r.extra.get("index", 0))
         shown = {s: [r for r in records if r.cls == s][:n] for s in slugs}
-        verify_records(manifest, [r for rs in shown.values() for r in rs])
-        return {s: [r.path for r in rs] for s, rs in shown.items()}
+        return {s: [r.path if _checked(manifest, r) else "" for r in rs] for s, rs in shown.items()}
     return {s: [str(p) for p in sorted((folder / s).glob("*.png"))[:n]] for s in slugs}
+
+
+def _checked(manifest: Path, r: Record) -> bool:
+    """Whether a record may be shown; one that fails (outside the set, changed, not a file) is a placeholder."""
+    try:
+        verify_records(manifest, [r])
+        return True
+    except UserError as e:
+        log.warning("report: not showing %s", e)
+        return False
 
 
 def _thumbnail(path: str, size: int) -> Image.Image:

@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -68,7 +67,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from datadream.errors import UserError
-from datadream.io import atomic_write_json, file_lock
+from datadream.io import atomic_write_json, file_lock, mkstemp
 from datadream.tracking import redact
 
 logger = logging.getLogger(__name__)
@@ -392,7 +391,7 @@ def _write_index(path: Path, bucket: str, prefix: str, files: dict[str, list]) -
 def _get_to_file(bucket: str, prefix: str, obj: _Obj, target: Path, workers: int, bar) -> tuple[str, int]:
     """Download one object to `target` through a temporary file beside it; returns (etag, size) as fetched."""
     key = _join(prefix, obj.key)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=_TMP_SUFFIX, dir=target.parent)
+    fd, tmp = mkstemp(prefix=f".{target.name[:64]}.", suffix=_TMP_SUFFIX, dir=target.parent)
     try:
         with _s3_errors(bucket, key):
             if obj.size < MULTIPART_THRESHOLD:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,10 +23,10 @@ from datadream.io import atomic_write_json, claim_output, lock_path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, umask: int = -1, timeout: float = 300) -> subprocess.CompletedProcess:
     """`datadream …` as a user runs it: its own process, its exit status and stderr."""
     return subprocess.run([sys.executable, "-m", "datadream.cli", "-q", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)}, umask=umask)
 
 
 def one_line(r: subprocess.CompletedProcess) -> str:
@@ -214,3 +216,66 @@ def test_manifest_entries_must_be_regular_files_inside_the_set(tmp_path, tiny):
     write_manifest(fewshot / "test.jsonl", [*good, Record(str(fifo), 0, "class0", "0" * 64, True)])
     with pytest.raises(UserError, match="not a regular file"):
         evaluate.run(tiny(), tmp_path / "no-classifier-needed", fewshot / "test.jsonl", tmp_path / "ev")
+
+
+# --- bad input: one line, exit 2, nothing half-written ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("classify.lr=.inf", "'classify.lr': Input should be a finite number"),
+    ("adapt.alpha=1e400", "'adapt.alpha': Input should be a finite number"),
+    ("classify.lr=.nan", "'classify.lr': Input should be a finite number"),
+    ("generate.images_per_class=1000000000000", "'generate.images_per_class': Input should be less than or equal"),
+    ("adapt.resolution=1000000000", "'adapt.resolution': Input should be less than or equal to 4096"),
+    ("adapt.betas=[0.9, 1.5]", "'adapt.betas.1': Input should be less than 1"),
+    ("data.template=a photo of a {nam}", "unknown field {nam}; a template may use {domain} and {name}"),
+    ("data.template=a photo", "must contain {name}"),
+    ("data.template={name} photo", "--set data.template: value '{name} photo' is not valid YAML"),
+])
+def test_config_values_out_of_range_are_refused(override, expected):
+    from datadream.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config("tiny", overrides=[override])
+
+
+def test_text_inputs_must_be_utf8(tmp_path, capsys, demo_dataset):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"adapt:\n  rank: 4  # caf\xe9\n")
+    line = _main_error(capsys, ["fewshot", "--dataset", str(demo_dataset), "--config", str(bad),
+                                "--out", str(tmp_path / "o")])
+    assert f"config file {bad}: not valid UTF-8" in line
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    (data / "classnames.json").write_bytes(b'{"circle": "caf\xe9"}')
+    line = _main_error(capsys, ["fewshot", "--dataset", str(data), "--shots", "1", "--out", str(tmp_path / "o")])
+    assert f"{data / 'classnames.json'}: not valid UTF-8" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_inside_a_file_or_read_only_fails_before_any_work(tmp_path, capsys, demo_dataset):
+    (tmp_path / "file").write_text("x")
+    args = ["fewshot", "--dataset", str(demo_dataset), "--shots", "1", "--preset", "tiny"]
+    line = _main_error(capsys, [*args, "--out", str(tmp_path / "file" / "fs")])
+    assert f"{tmp_path / 'file'} is a file, not a folder" in line
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere it may; sysfs refuses even root
+        ro = Path("/sys")
+    t0 = time.monotonic()
+    line = _main_error(capsys, [*args, "--out", str(ro / "fs")])
+    assert str(ro) in line and ("permission denied" in line or "read-only" in line)
+    assert time.monotonic() - t0 < 20  # before the scan of the dataset, not after
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifacts_follow_the_umask(tmp_path, demo_dataset, umask):
+    out = tmp_path / "fs"
+    r = cli("fewshot", "--dataset", str(demo_dataset), "--shots", "1", "--preset", "tiny", "--out", str(out),
+            umask=umask)
+    assert r.returncode == 0, r.stderr
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert Path("fs/train.jsonl") in modes and Path("fs") in modes
+    for p, mode in modes.items():
+        assert mode == (0o777 if (tmp_path / p).is_dir() else 0o666) & ~umask, (p, oct(mode))

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from datadream.io import (
     atomic_write_json,
     check_output_dir,
     mark_started,
+    mkdtemp,
     read_json,
     sha256_file,
     sha256_json,
@@ -370,7 +370,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
              (steps - start) / max(elapsed, 1e-9), last_loss)
 
     # Save in diffusers' LoRA format, built under a temporary name and renamed into place.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{unit.name}.", dir=out))
+    tmp = Path(mkdtemp(prefix=f".{unit.name}.", dir=out))
     try:
         te_layers = None
         if config.adapt.train_text_encoder:

@@ -45,7 +45,7 @@ from datadream.config import ClassifyConfig, Config
 from datadream.data import augment as aug
 from datadream.data.cache import CachedBatches, EpochBatches, ImageCache, build_image_cache
 from datadream.data.images import ImageRejected, load_rgb
-from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest
+from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest, verify_records
 from datadream.data.remote import localize_records
 from datadream.errors import UserError
 from datadream.io import (
@@ -82,12 +82,13 @@ CACHE = "cache"
 
 def read_records(path: Path, classes: list[ClassInfo], is_real: bool | None) -> list[Record]:
     """A manifest's records, checked against classes.json and (unless None) the expected is_real flag."""
-    records = read_manifest(path)
+    records = read_manifest(path, verify=False)
     for n, r in enumerate(records, 1):
         if not 0 <= r.label < len(classes) or classes[r.label].slug != r.cls:
             raise UserError(f"{path}: record {n} has label {r.label} / class {r.cls!r}, not in classes.json")
         if is_real is not None and r.is_real != is_real:
             raise UserError(f"{path}: record {n} has is_real={r.is_real}; expected {is_real} here")
+    verify_records(path, records)  # after the cheap checks: inside the set, regular files, hashes as recorded
     return localize_records(records)  # images of a dataset on S3 (val/test) come from the local cache
 
 
