@@ -337,6 +337,13 @@ def _warnings_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams (tests, notebooks)
+        return False
+
+
 def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     # force: main() may run many times in one process (tests, notebooks); log to the current stderr.
@@ -344,8 +351,9 @@ def _setup_logging(args) -> None:
                         force=True)
     root = logging.getLogger()
     root.removeFilter(_warnings_only)
+    if args.quiet or not _isatty(sys.stderr):
+        os.environ["TQDM_DISABLE"] = "1"  # progress bars only for a person at a terminal, never with -q
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
         # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that.
         root.addFilter(_warnings_only)
     # The libraries' own chatter would drown ours; keep their warnings (and kfp.local's task log unless -q).
@@ -442,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_command(args)
     except UserError as e:
         sys.stderr.write(f"datadream {args.command}: error: {e}\n")
+        return 2
+    except OSError as e:  # no space, read-only, no permission: the user must act, so no retry and no traceback
+        from datadream.io import oserror_message
+
+        message = oserror_message(e, getattr(args, "out", None))
+        if message is None:  # anything else may be transient: a traceback and exit 1, which may be retried
+            raise
+        sys.stderr.write(f"datadream {args.command}: error: {message}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -243,7 +243,7 @@ def test_imagenet(tmp_path, flat_val):
 def test_caltech101_folders_and_coop(tmp_path):
     _caltech(tmp_path / "a")
     index = _scan(tmp_path / "a", "caltech101")
-    assert [(c.slug, c.name) for c in index.classes] == [("Faces", "face"), ("accordion", "accordion")]
+    assert [(c.slug, c.name) for c in index.classes] == [("faces", "face"), ("accordion", "accordion")]
     _check(index, 2, {"train": 14, "val": 2, "test": 4})
     assert index.carved == ["test", "val"]  # no official split: carved with data.split_seed
     assert _files(index, "test") == _files(_scan(tmp_path / "a", "caltech101"), "test")
@@ -280,7 +280,7 @@ def test_fgvc_aircraft(tmp_path):
         index = _scan(root, "fgvc_aircraft")
         _check(index, 3, {"train": 9, "val": 6, "test": 6}, test)
     assert [(c.slug, c.name) for c in index.classes] == [
-        ("707-320", "707-320"), ("F_A-18", "F/A-18"), ("Falcon_2000", "Falcon 2000")]
+        ("707-320", "707-320"), ("f_a-18", "F/A-18"), ("falcon_2000", "Falcon 2000")]
     assert DataConfig(domain="aircraft").prompt("F/A-18") == "a aircraft photo of a F/A-18"
 
 

@@ -3,6 +3,7 @@ bad input as one line and exit 2, artifacts that follow the umask."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -279,3 +280,70 @@ def test_artifacts_follow_the_umask(tmp_path, demo_dataset, umask):
     assert Path("fs/train.jsonl") in modes and Path("fs") in modes
     for p, mode in modes.items():
         assert mode == (0o777 if (tmp_path / p).is_dir() else 0o666) & ~umask, (p, oct(mode))
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, demo_dataset, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # every atomic write ends in fsync: the first one fails
+    out = tmp_path / "fs"
+    line = _main_error(capsys, ["fewshot", "--dataset", str(demo_dataset), "--shots", "1", "--preset", "tiny",
+                                "--out", str(out)])
+    assert "no space left on the device; free some space and re-run" in line and str(tmp_path) in line
+    assert not out.exists() and not lock_path(out).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # the staging folder is gone too
+
+
+# --- class names -------------------------------------------------------------------------------------------
+
+
+def _folder_dataset(root: Path, names: list[str], per_class: int = 3) -> Path:
+    from PIL import Image
+
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * k % 256, 10 * i, 90)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_class_names_keep_their_letters_and_problems_are_named(tmp_path, caplog):
+    from datadream.config import DataConfig
+    from datadream.data.imagefolder import scan_imagefolder
+    from datadream.data.manifest import slugify
+
+    assert [slugify(n) for n in ("猫", "犬", "Café", "F/A-18", "ﬁsh", "  ", "São Paulo")] == [
+        "猫", "犬", "café", "f_a-18", "fish", "class", "são_paulo"]
+    root = _folder_dataset(tmp_path / "d1", ["猫", "犬", "Café", ".ipynb_checkpoints"])
+    with caplog.at_level("INFO"):
+        index = scan_imagefolder(root, DataConfig())
+    assert [(c.slug, c.name) for c in index.classes] == [("café", "Café"), ("犬", "犬"), ("猫", "猫")]
+    assert "skipping 1 hidden folder(s): '.ipynb_checkpoints'" in caplog.text
+    root = _folder_dataset(tmp_path / "d2", ["Cat", "cat"])
+    with pytest.raises(UserError, match="class folders 'Cat' and 'cat' map to one slug 'cat'"):
+        scan_imagefolder(root, DataConfig())
+    root = _folder_dataset(tmp_path / "d3", ["dog", "cat\nignore the above"])
+    with pytest.raises(UserError, match=r"class folder 'cat\\nignore the above' has a control character"):
+        scan_imagefolder(root, DataConfig())
+
+
+def test_progress_bars_only_at_a_terminal_and_never_with_q(tmp_path, demo_dataset):
+    import pty
+
+    args = [sys.executable, "-m", "datadream.cli", "fewshot", "--dataset", str(demo_dataset), "--shots", "1",
+            "--preset", "tiny"]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | {"PYTHONPATH": str(REPO)}
+    piped = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert piped.returncode == 0 and "fewshot: done" in piped.stderr and "%|" not in piped.stderr
+    leader, follower = pty.openpty()
+    quiet = subprocess.run([*args, "-q", "--out", str(tmp_path / "b")], stderr=follower, env=env)
+    os.close(follower)
+    seen = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(leader, 65536):
+            seen += chunk
+    os.close(leader)
+    assert quiet.returncode == 0 and b"%|" not in seen and b"fewshot: done" not in seen, seen

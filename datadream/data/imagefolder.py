@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datadream.config import DataConfig
 from datadream.data.images import IMAGE_SUFFIXES
-from datadream.data.manifest import ClassInfo, slugify
+from datadream.data.manifest import ClassInfo, control_characters, slugify
 from datadream.errors import UserError
 from datadream.io import read_json
 from datadream.runtime import derive_seed
@@ -35,7 +35,16 @@ class DatasetIndex:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class folders under `folder`; hidden ones (.git, .ipynb_checkpoints) are skipped and listed."""
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    hidden = [p.name for p in dirs if p.name.startswith(".")]
+    if hidden:
+        log.info("%s: skipping %d hidden folder(s): %s", folder, len(hidden), ", ".join(map(repr, hidden)))
+    for p in dirs:
+        if control_characters(p.name):
+            raise UserError(f"{folder}: class folder {p.name!r} has a control character in its name (it would go "
+                            "into prompts); rename it")
+    return [p for p in dirs if not p.name.startswith(".")]
 
 
 def _images(folder: Path) -> tuple[list[Path], int]:
@@ -66,9 +75,14 @@ def scan_imagefolder(root: str | Path, data: DataConfig) -> DatasetIndex:
     for i, d in enumerate(class_dirs):
         slug = slugify(d.name)
         if slug in seen:
-            raise UserError(f"--dataset {root}: class folders {seen[slug]!r} and {d.name!r} map to one slug {slug!r}")
+            raise UserError(f"--dataset {root}: class folders {seen[slug]!r} and {d.name!r} map to one slug {slug!r}; "
+                            "rename one")
         seen[slug] = d.name
-        classes.append(ClassInfo(i, slug, str(names.get(d.name, d.name.replace("_", " ")))))
+        name = names.get(d.name, d.name.replace("_", " "))
+        if not isinstance(name, str) or not name.strip() or control_characters(name):
+            raise UserError(f"{names_file}: display name of {d.name!r} must be non-empty text without control "
+                            f"characters, got {name!r}")
+        classes.append(ClassInfo(i, slug, name))
 
     splits: dict[str, dict[str, list[Path]]] = {}
     ignored = 0

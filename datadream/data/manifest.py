@@ -12,6 +12,7 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +21,30 @@ from typing import Any
 from datadream.errors import UserError
 from datadream.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_cached
 
-_SLUG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_SLUG_PUNCT = frozenset("._+-")
+
+
+def _slug_char(ch: str) -> bool:
+    # Letters, marks and digits of any script (Unicode categories L*, M*, N*), and . _ + -
+    return ch in _SLUG_PUNCT or unicodedata.category(ch)[0] in "LMN"
 
 
 def slugify(name: str) -> str:
-    """A folder-safe name: display names like 'F/A-18' contain '/' (docs/method.md, Stage 0)."""
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", name.strip()).strip("._")
+    """A folder-safe class name: NFKC-normalised and case-folded, keeping letters and digits of every
+    script ('猫' stays '猫', 'Café' becomes 'café'); anything else ('/', spaces) becomes '_'. Display
+    names like 'F/A-18' contain '/' (docs/method.md, Stage 0). An empty result is 'class'."""
+    text = unicodedata.normalize("NFKC", name).casefold()
+    slug = re.sub(r"_+", "_", "".join(ch if _slug_char(ch) else "_" for ch in text)).strip("._")
     return slug or "class"
+
+
+def _slug_ok(slug: str) -> bool:
+    return bool(slug) and not slug.startswith(".") and all(_slug_char(ch) for ch in slug)
+
+
+def control_characters(name: str) -> bool:
+    """Whether `name` holds a control or format character (a newline, a tab, a zero-width space…)."""
+    return any(unicodedata.category(ch) in ("Cc", "Cf") for ch in name)
 
 
 @dataclass(frozen=True)
@@ -186,7 +204,7 @@ def read_classes(path: str | os.PathLike) -> list[ClassInfo]:
     if [c.index for c in classes] != list(range(len(classes))):
         raise UserError(f"{path}: class indices must be 0..{len(classes) - 1} in order")
     for c in classes:
-        if not _SLUG_OK.match(c.slug):
+        if not _slug_ok(c.slug):
             raise UserError(f"{path}: class slug {c.slug!r} is not folder-safe")
     return classes
 
