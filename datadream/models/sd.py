@@ -234,7 +234,94 @@ def load_sd_pipeline(models: ModelsConfig, dtype=None):
         src, use_safetensors=True, safety_checker=None, requires_safety_checker=False, **kw
     )
     pipe.set_progress_bar_config(disable=True)
+    from diffusers import PNDMScheduler
+
+    if type(pipe.scheduler) is PNDMScheduler:  # SD 2.1 base's (and tiny's) scheduler: same steps, no host syncs
+        pipe.scheduler = device_pndm_class().from_config(pipe.scheduler.config)
     return pipe
+
+
+@lru_cache(maxsize=1)
+def device_pndm_class():
+    """diffusers' PNDMScheduler with its per-step coefficients looked up on the sample's device.
+
+    The stock `_get_prev_sample` indexes the CPU `alphas_cumprod` with the timestep tensor the pipeline
+    keeps on the GPU and branches on `prev_timestep >= 0` in Python: two host syncs per denoising step.
+    Here the table lives beside the sample and the branch is a `torch.where`; the arithmetic is the same.
+    """
+    import torch
+    from diffusers import PNDMScheduler
+
+    class DevicePNDMScheduler(PNDMScheduler):
+        def _table(self, device):
+            cached = getattr(self, "_device_table", None)
+            if cached is None or cached[0].device != device:
+                cached = (self.alphas_cumprod.to(device), torch.as_tensor(self.final_alpha_cumprod).to(device))
+                self._device_table = cached
+            return cached
+
+        def _get_prev_sample(self, sample, timestep, prev_timestep, model_output):
+            if not torch.is_tensor(timestep):
+                return super()._get_prev_sample(sample, timestep, prev_timestep, model_output)
+            alphas, final = self._table(sample.device)
+            t = timestep.reshape(1).to(alphas.device)
+            prev = torch.as_tensor(prev_timestep).reshape(1).to(alphas.device)
+            alpha_prod_t = alphas.index_select(0, t).squeeze(0)
+            alpha_prod_t_prev = torch.where(prev >= 0, alphas.index_select(0, prev.clamp(min=0)), final).squeeze(0)
+            beta_prod_t = 1 - alpha_prod_t
+            beta_prod_t_prev = 1 - alpha_prod_t_prev
+            if self.config.prediction_type == "v_prediction":
+                model_output = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+            elif self.config.prediction_type != "epsilon":
+                raise ValueError(f"prediction_type given as {self.config.prediction_type} must be one of `epsilon` "
+                                 "or `v_prediction`")
+            # PNDM paper, formula (9), as in diffusers' PNDMScheduler._get_prev_sample.
+            sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** (0.5)
+            model_output_denom_coeff = alpha_prod_t * beta_prod_t_prev ** (0.5) + (
+                alpha_prod_t * beta_prod_t * alpha_prod_t_prev
+            ) ** (0.5)
+            return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / model_output_denom_coeff
+
+    return DevicePNDMScheduler
+
+
+class FusedLora:
+    """One adapter at a time merged into the pipeline's weights, and the exact base weights put back after.
+
+    `fuse(pipe, name, scale)` merges an adapter loaded with `load_lora_weights(..., adapter_name=name)` into
+    the UNet and text encoder (generation then runs the plain layers: no LoRA branch per layer and step);
+    `restore(pipe, name)` unfuses it, copies the saved base weights back (unfusing in bf16 leaves rounding
+    behind, which would accumulate class after class) and deletes the adapter.
+    """
+
+    def __init__(self):
+        self.saved: dict[tuple[str, str], object] = {}
+
+    def _lora_layers(self, pipe):
+        from peft.tuners.lora import LoraLayer
+
+        for component in ("unet", "text_encoder"):
+            module = getattr(pipe, component, None)
+            if module is None:
+                continue
+            for name, m in module.named_modules():
+                if isinstance(m, LoraLayer):
+                    yield (component, name), m.get_base_layer()
+
+    def fuse(self, pipe, name: str, scale: float) -> None:
+        for key, base in self._lora_layers(pipe):
+            if key not in self.saved:
+                self.saved[key] = base.weight.detach().clone()
+        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[name])
+
+    def restore(self, pipe, name: str) -> None:
+        import torch
+
+        pipe.unfuse_lora(components=["unet", "text_encoder"])
+        with torch.no_grad():
+            for key, base in self._lora_layers(pipe):
+                base.weight.copy_(self.saved[key])
+        pipe.delete_adapters(name)
 
 
 

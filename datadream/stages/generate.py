@@ -90,11 +90,18 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     mark_started(out, fingerprint)
 
-    from datadream.models.sd import load_sd_pipeline
+    from datadream.models.sd import FusedLora, apply_speed_options, attention_context, load_sd_pipeline
 
     device = resolve_device(config.run)
     pipe = load_sd_pipeline(config.models, dtype=autocast_dtype(config.run, device)).to(device)
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    applied = apply_speed_options(config.run, device, unet=pipe.unet, vae=pipe.vae)
+    if applied:
+        log.info("generate: speed options %s", ", ".join(applied))
+    fused = FusedLora()
+    # PNG encoding and fsync run in a few threads while the device makes the next batch; each class's
+    # images are all on disk before it is assessed, and every write's error reaches this thread.
+    writer = PngWriter(max_pending=2 * cfg.batch_size)
 
     # Group classes by adapter so each adapter is loaded once (dataset-wise: once in all).
     by_unit: dict[str, list] = defaultdict(list)
@@ -108,42 +115,46 @@ def run(
     # Assessment (assess.enabled): the frozen base CLIP embeds each image once, right after its class is made;
     # the filter (assess.filter) drops images and makes replacements while the class's adapter is loaded.
     judge = _Assessment(config, fewshot_dir, classes, index, out) if config.assess.enabled else None
-    for unit, unit_classes in by_unit.items():
-        pipe.load_lora_weights(adapters_dir / unit, weight_name=index["weight_name"], adapter_name=unit)
-        pipe.set_adapters([unit], adapter_weights=[cfg.lora_scale])
-        for c in unit_classes:
-            prompt = index["prompts"][c.slug]
-            folder = out / c.slug
+    try:
+        for unit, unit_classes in by_unit.items():
+            pipe.load_lora_weights(adapters_dir / unit, weight_name=index["weight_name"], adapter_name=unit)
+            # Merged once per adapter: denoising then runs the plain layers, with no LoRA branch per step.
+            fused.fuse(pipe, unit, cfg.lora_scale)
+            for c in unit_classes:
+                prompt = index["prompts"][c.slug]
+                folder = out / c.slug
 
-            def make(indices: list[int], prompt=prompt, folder=folder, slug=c.slug) -> None:
-                nonlocal made
-                todo = [i for i in indices if not image_path(folder, i).exists()]  # resume: finished images stay
-                bar.update(len(indices) - len(todo))
-                for start in range(0, len(todo), cfg.batch_size):
-                    batch = todo[start : start + cfg.batch_size]
-                    with torch.inference_mode():
-                        images = pipe(
-                            prompt=[prompt] * len(batch), num_inference_steps=cfg.steps,
-                            guidance_scale=cfg.guidance_scale, height=size, width=size,
-                            generator=[generator(image_seed(seed, slug, i)) for i in batch],
-                        ).images
-                    for i, img in zip(batch, images, strict=True):
-                        buf = io.BytesIO()
-                        img.save(buf, format="PNG")
-                        atomic_write_bytes(image_path(folder, i), buf.getvalue())
-                    made += len(batch)
-                    bar.update(len(batch))
+                def make(indices: list[int], prompt=prompt, folder=folder, slug=c.slug) -> None:
+                    nonlocal made
+                    todo = [i for i in indices if not image_path(folder, i).exists()]  # resume: finished images stay
+                    bar.update(len(indices) - len(todo))
+                    for start in range(0, len(todo), cfg.batch_size):
+                        batch = todo[start : start + cfg.batch_size]
+                        with torch.inference_mode(), attention_context(config.run, device):
+                            images = pipe(
+                                prompt=[prompt] * len(batch), num_inference_steps=cfg.steps,
+                                guidance_scale=cfg.guidance_scale, height=size, width=size,
+                                generator=[generator(image_seed(seed, slug, i)) for i in batch],
+                            ).images
+                        for i, img in zip(batch, images, strict=True):
+                            writer.submit(image_path(folder, i), img)
+                        made += len(batch)
+                        bar.update(len(batch))
+                    writer.wait()
 
-            make(list(range(cfg.images_per_class)))
-            kept = judge.class_done(c, unit, make) if judge else list(range(cfg.images_per_class))
-            if made:
-                metrics.add({"images_per_s": made / max(time.perf_counter() - t0, 1e-9)}, made)
-            records += [
-                Record(str(image_path(folder, i)), c.index, c.slug, sha256_file(image_path(folder, i)), False,
-                       {"prompt": prompt, "seed": image_seed(seed, c.slug, i), "adapter": unit, "index": i})
-                for i in kept
-            ]
-        pipe.delete_adapters(unit)
+                make(list(range(cfg.images_per_class)))
+                kept = judge.class_done(c, unit, make) if judge else list(range(cfg.images_per_class))
+                if made:
+                    metrics.add({"images_per_s": made / max(time.perf_counter() - t0, 1e-9)}, made)
+                records += [
+                    Record(str(image_path(folder, i)), c.index, c.slug, sha256_file(image_path(folder, i)), False,
+                           {"prompt": prompt, "seed": image_seed(seed, c.slug, i), "adapter": unit, "index": i})
+                    for i in kept
+                ]
+            fused.restore(pipe, unit)  # the exact base weights back, the adapter deleted
+        writer.wait()
+    finally:
+        writer.shutdown()  # on an error, the writes under way finish; queued ones are dropped
     bar.close()
     metrics.flush()
     elapsed = time.perf_counter() - t0
@@ -159,6 +170,57 @@ def run(
         "manifest_sha256": sha256_file(out / "manifest.jsonl"), **assessed,
     })
     return out
+
+
+class PngWriter:
+    """PNG encoding and atomic writes (temporary name, fsync, rename) in a small thread pool.
+
+    At most `max_pending` images wait at a time (submit blocks beyond that), so memory stays bounded
+    when the disk is slower than the device. The first error of any write is raised in the caller's
+    thread by the next submit or wait. Pillow's encoder and fsync release the GIL, so the threads
+    overlap with the main thread's work.
+    """
+
+    def __init__(self, workers: int = 4, max_pending: int = 16):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
+        self._slots = threading.BoundedSemaphore(max(1, max_pending))
+        self._futures: list = []
+
+    @staticmethod
+    def encode(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def _write(self, path: Path, img) -> None:
+        try:
+            atomic_write_bytes(path, self.encode(img))
+        finally:
+            self._slots.release()
+
+    def _check(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            f.result()  # re-raises the write's exception here
+
+    def submit(self, path: Path, img) -> None:
+        self._check()
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._write, path, img))
+
+    def wait(self) -> None:
+        """Block until every submitted image is on disk; raise the first error."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+    def shutdown(self) -> None:
+        """Stop the threads: writes under way finish (atomically), queued ones are dropped; never raises."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def image_path(folder: Path, index: int) -> Path:
