@@ -75,6 +75,9 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = ".s3-index.json"  # in a mirror: key -> [etag, size] at download
 LOCK_NAME = ".s3-index.lock"
 _BOOKKEEPING = (INDEX_NAME, LOCK_NAME)  # ours, never part of an artifact: not uploaded, refused as keys
+LEASE_NAME = ".datadream-lease.json"  # under an output prefix while a run writes it (output_lease)
+LEASE_TTL_S = 600  # a lease not renewed for this long is stale (its holder died): the next writer takes it
+LEASE_RENEW_S = 60
 _TMP_SUFFIX = ".s3-tmp"
 
 MIB = 1 << 20
@@ -426,6 +429,8 @@ def _check_layout(bucket: str, prefix: str, objects: dict[str, _Obj]) -> list[_O
             if rel.rstrip("/"):
                 check_key(rel.rstrip("/"), bucket=bucket, prefix=prefix)
             continue
+        if rel == LEASE_NAME:  # a writer's lease, not part of the artifact
+            continue
         check_key(rel, bucket=bucket, prefix=prefix)
         if rel in _BOOKKEEPING:
             raise UserError(f"{_uri(bucket, _join(prefix, rel))}: {rel} is a name DataDream reserves for its cache")
@@ -591,7 +596,7 @@ def upload_folder(src: str | os.PathLike, uri: str | os.PathLike, *, marker: str
             changed.add(f.key)
     todo = [f for f in files if f.key in changed and f.key != marker]
     marker_file = next((f for f in files if f.key == marker), None)
-    extra = sorted(set(remote) - {f.key for f in files})
+    extra = sorted(set(remote) - {f.key for f in files} - {LEASE_NAME})
     if extra:
         logger.warning("%s: %d object(s) not in %s left in place (e.g. %s)", where, len(extra), src, _show(extra[0]))
 
@@ -696,9 +701,107 @@ def output_dir(path_or_uri: str | os.PathLike, *, marker: str, workers: int = 16
         return
     bucket, prefix = parse_s3(path_or_uri)
     staging = cache_dir() / "s3-out" / bucket / prefix
-    staging.mkdir(parents=True, exist_ok=True)
-    yield staging
-    upload_folder(staging, path_or_uri, marker=marker, workers=workers)
+    with output_lease(path_or_uri):
+        staging.mkdir(parents=True, exist_ok=True)
+        yield staging
+        upload_folder(staging, path_or_uri, marker=marker, workers=workers)
+
+
+def _lease_body(expires: float) -> bytes:
+    import datetime
+    import socket
+
+    now = datetime.datetime.now(datetime.UTC)
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": now.isoformat(timespec="seconds"),
+                       "expires": expires}).encode()
+
+
+def _precondition_failed(e) -> bool:
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(e) in (409, 412)
+
+
+@contextlib.contextmanager
+def output_lease(uri: str | os.PathLike, ttl_s: float = LEASE_TTL_S, renew_s: float = LEASE_RENEW_S) -> Iterator[None]:
+    """Hold the writer's lease of the output prefix `uri` for the block: one run writes a prefix at a time.
+
+    The lease is the object `<prefix>/.datadream-lease.json` (holder host, pid, start, expiry), created
+    with a conditional PUT (`If-None-Match: *`), so of two writers exactly one creates it; the other
+    fails at once with a UserError naming the holder. The holder renews it every `renew_s` with
+    `If-Match` on its ETag; a lease past its expiry was left by a run that died and is taken over
+    (again with `If-Match`, so two writers cannot both take it over). It is deleted after the block.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = parse_s3(uri)
+    key = _join(prefix, LEASE_NAME)
+    where = _uri(bucket, prefix)
+    c = client()
+
+    def put(**cond) -> str:
+        with _s3_errors(bucket, key):
+            body = _lease_body(time.time() + ttl_s)
+            return c.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **cond)["ETag"]
+
+    try:
+        etag = put(IfNoneMatch="*")
+    except ClientError as e:
+        if not _precondition_failed(e):
+            raise
+        try:
+            with _s3_errors(bucket, key):
+                held = c.get_object(Bucket=bucket, Key=key)
+            old_etag, holder = held["ETag"], json.loads(held["Body"].read() or b"{}")
+        except (ClientError, UserError, ValueError):  # released in between, or unreadable: one more try
+            old_etag, holder = None, {}
+        from datadream.io import describe_holder
+
+        if old_etag is not None and float(holder.get("expires", 0)) > time.time():
+            raise UserError(f"{where}: another run is writing this prefix ({describe_holder(holder)}); wait for it "
+                            "to finish or choose another prefix") from None
+        try:
+            etag = put(IfMatch=old_etag) if old_etag is not None else put(IfNoneMatch="*")
+        except ClientError as e2:
+            if not _precondition_failed(e2):
+                raise
+            raise UserError(f"{where}: another run took over this prefix first; wait for it to finish or choose "
+                            "another prefix") from None
+        if holder:
+            logger.warning("%s: taking over the expired lease of %s", where, describe_holder(holder))
+
+    stop = threading.Event()
+    lost: list[str] = []
+
+    def renew() -> None:
+        nonlocal etag
+        while not stop.wait(renew_s):
+            try:
+                etag = put(IfMatch=etag)
+            except ClientError as e:
+                if _precondition_failed(e):
+                    lost.append("another run took the lease over")
+                    logger.error("%s: lost the writer's lease (another run took it over)", where)
+                    return
+                logger.warning("%s: could not renew the writer's lease (%s); retrying", where, e)
+            except Exception as e:  # network trouble: keep trying until the lease would expire
+                logger.warning("%s: could not renew the writer's lease (%s); retrying", where, e)
+
+    renewer = threading.Thread(target=renew, name="s3-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+        if lost:
+            raise UserError(f"{where}: {lost[0]} while this run was writing; its upload may be mixed, re-run it")
+    finally:
+        stop.set()
+        renewer.join()
+        if not lost:
+            try:
+                c.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+            except ClientError as e:
+                if not _precondition_failed(e):  # a store without conditional deletes: ours, delete it plainly
+                    with contextlib.suppress(ClientError):
+                        c.delete_object(Bucket=bucket, Key=key)
 
 
 __all__ = [
@@ -710,6 +813,7 @@ __all__ = [
     "local_etag",
     "localize",
     "output_dir",
+    "output_lease",
     "parse_s3",
     "read_bytes",
     "reset_client",

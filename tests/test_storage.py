@@ -7,6 +7,7 @@ key is a recognisable string, and every error message is checked not to contain 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -526,3 +527,34 @@ def test_rejected_credentials(moto_with_auth, monkeypatch, tmp_path, who, code):
         assert secret not in _error(e)
     finally:
         storage.reset_client()
+
+
+def test_output_lease_one_writer_per_prefix_and_expired_leases_are_taken_over(bucket, s3env):
+    uri = f"s3://{bucket}/stage/out"
+    key = f"stage/out/{storage.LEASE_NAME}"
+    with storage.output_lease(uri):
+        assert list_keys(s3env, bucket) == [key]
+        holder = json.loads(s3_client(s3env).get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert holder["pid"] == os.getpid() and holder["expires"] > time.time()
+        with pytest.raises(UserError, match=rf"another run is writing this prefix \(host .*, pid {os.getpid()}, "
+                                            r"started 20"), storage.output_lease(uri):
+            pass
+    assert list_keys(s3env, bucket) == []  # released
+
+    # A run that died left its lease behind: once expired, the next writer takes it over.
+    stale = {"host": "gone", "pid": 1, "started": "2020-01-01T00:00:00+00:00", "expires": time.time() - 1}
+    s3_client(s3env).put_object(Bucket=bucket, Key=key, Body=json.dumps(stale).encode())
+    with storage.output_lease(uri):
+        assert json.loads(s3_client(s3env).get_object(Bucket=bucket, Key=key)["Body"].read())["pid"] == os.getpid()
+    assert list_keys(s3env, bucket) == []
+
+
+def test_output_lease_is_renewed_while_held(bucket, s3env):
+    uri = f"s3://{bucket}/renewed"
+    key = f"renewed/{storage.LEASE_NAME}"
+    with storage.output_lease(uri, ttl_s=2, renew_s=0.2):
+        first = json.loads(s3_client(s3env).get_object(Bucket=bucket, Key=key)["Body"].read())["expires"]
+        time.sleep(3)  # past the first expiry: still held, because it was renewed
+        assert json.loads(s3_client(s3env).get_object(Bucket=bucket, Key=key)["Body"].read())["expires"] > first
+        with pytest.raises(UserError, match="another run is writing this prefix"), storage.output_lease(uri):
+            pass
