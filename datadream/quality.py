@@ -385,3 +385,35 @@ def read_report(synthetic_dir: str | os.PathLike) -> dict[str, Any] | None:
 
     path = Path(synthetic_dir) / REPORT
     return read_json(path) if path.is_file() else None
+
+
+# --- tracking ------------------------------------------------------------------------------------------------
+
+# The figures a pipeline's parent run carries, so MLflow's runs table compares synthetic sets across runs.
+PARENT_METRICS = {"synthetic_class_agreement": "class_agreement", "synthetic_fd_clip": "fd_clip"}
+_OVERALL = ("class_agreement", "clip_score", "diversity", "real_diversity", "near_copies", "fd_clip", "precision",
+            "recall", "images")
+_PER_CLASS = ("images", "class_agreement", "clip_score", "diversity", "real_diversity", "near_copies")
+
+
+def run_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """quality.json's overall figures as flat metrics (the step's MLflow run and KFP Metrics); None left out."""
+    o = report["overall"]
+    metrics = {k: float(o[k]) for k in _OVERALL if o.get(k) is not None}
+    if o.get("dropped") is not None:
+        metrics["dropped"] = float(sum(o["dropped"].values()))
+    return metrics
+
+
+def parent_metrics(report: dict[str, Any]) -> dict[str, float]:
+    o = report["overall"]
+    return {name: float(o[key]) for name, key in PARENT_METRICS.items() if o.get(key) is not None}
+
+
+def class_table(report: dict[str, Any]) -> dict[str, list]:
+    """One row per class (columns: class, then the per-class figures), for MLflow's table artifact."""
+    names = sorted(report["classes"])
+    table: dict[str, list] = {"class": names}
+    for key in _PER_CLASS:
+        table[key] = [report["classes"][n][key] for n in names]
+    return table
