@@ -57,11 +57,27 @@ def run_demo(config: Config, out: str | Path, dataset: str | None = None) -> dic
             train_and_eval(f"{train_on} ({mode}-wise)", with_(adapt={"mode": mode}, classify={"train_on": train_on}),
                            synthetic, name)
 
-    results = {"out": str(out), "rows": rows, "timings_s": timings,
+    report = timed("report", write_demo_report, out, fs, rows)
+    results = {"out": str(out), "rows": rows, "report": str(report), "timings_s": timings,
                "wall_s": round(time.perf_counter() - t0, 1), "config": config.to_dict()}
     atomic_write_json(out / "results.json", results)
     log.info("demo finished in %.1f s; results in %s", results["wall_s"], out / "results.json")
     return results
+
+
+def write_demo_report(out: Path, fewshot_dir: Path, rows: list[dict]) -> Path:
+    """`out`/report.html: every classifier of the demo side by side, with the class-wise samples."""
+    from datadream.io import read_json
+    from datadream.report import render_html, run_facts, write_report
+
+    results = [{"setting": r["setting"], "metrics": read_json(r["metrics"]),
+                "classifier": read_json(Path(r["classifier"]) / "classifier.json")} for r in rows]
+    facts = run_facts(fewshot_dir, mode="class-wise and dataset-wise (both, one row each)",
+                      gate="none: the in-process demo registers nothing")
+    path = out / "report.html"
+    write_report(path, render_html("DataDream demo (in-process)", results, synthetic_dir=out / "synthetic-class",
+                                   fewshot_dir=fewshot_dir, run=facts))
+    return path
 
 
 def format_table(results: dict) -> str:

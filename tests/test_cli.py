@@ -1,5 +1,6 @@
 """The `datadream` command: help everywhere, one-line user errors with exit 2, the demo end to end."""
 
+import html
 import json
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def test_demo_in_process_runs_every_stage(tmp_path, capsys):
     for folder in ("fewshot/fewshot.json", "adapters-class/adapter.json", "adapters-dataset/adapter.json",
                    "synthetic-class/generate.json", "synthetic-dataset/generate.json"):
         assert (out / folder).is_file()
+    report = (out / "report.html").read_text()  # every setting side by side, zero-shot named as such
+    assert all(html.escape(s) in report for s in SETTINGS) and "<td>nothing (zero-shot)</td>" in report
     # A second run finds every stage finished and redoes nothing.
     stamp = (out / "adapters-class" / "adapter.json").stat().st_mtime_ns
     assert main(["-q", "demo", "--in-process", "--out", str(out), *FAST_DEMO]) == 0
