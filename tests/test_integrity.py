@@ -173,6 +173,18 @@ def test_a_changed_or_deleted_shot_is_refused_not_trained_on(tmp_path, fewshot_s
     shutil.copytree(fewshot_set, fs)
     args = ["adapt", "--fewshot", str(fs), "--mode", "dataset", "--preset", "tiny", "--set", "adapt.max_steps=1"]
     assert main(["-q", *args, "--out", str(tmp_path / "ad")]) == 0
+    weights = tmp_path / "ad" / "dataset" / "pytorch_lora_weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good + b" ")
+    line = _main_error(capsys, ["generate", "--fewshot", str(fs), "--adapters", str(tmp_path / "ad"), "--preset",
+                                "tiny", "--out", str(tmp_path / "gen")])
+    assert f"{weights}: changed since adapt wrote it" in line and not (tmp_path / "gen").exists()
+    weights.write_bytes(good)
+    manifest = (fs / "train.jsonl").read_text()
+    (fs / "train.jsonl").write_text("".join(manifest.splitlines(keepends=True)[1:]))  # one shot dropped
+    line = _main_error(capsys, [*args, "--out", str(tmp_path / "ad")])
+    assert f"{fs / 'train.jsonl'}: changed since fewshot.json recorded it" in line
+    (fs / "train.jsonl").write_text(manifest)
     shots = sorted((fs / "train").rglob("*.png"))
     shots[0].write_bytes(shots[1].read_bytes())  # replaced on disk; train.jsonl still has the old hash
     line = _main_error(capsys, [*args, "--out", str(tmp_path / "ad")])  # the finished run: not a stale no-op

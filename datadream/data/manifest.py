@@ -124,8 +124,26 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> list[Record]:
         except (TypeError, ValueError) as e:
             raise UserError(f"{path}:{n}: bad label ({e})") from None
     if verify:
+        verify_manifest(path)
         verify_records(path, records)
     return records
+
+
+_MARKERS = {"fewshot.json": lambda summary, stem: summary.get("manifest_sha256", {}).get(stem),
+            "generate.json": lambda summary, stem: summary.get("manifest_sha256") if stem == "manifest" else None}
+
+
+def verify_manifest(path: str | os.PathLike) -> None:
+    """A manifest of a finished few-shot or synthetic set must be the one its marker file recorded."""
+    path = Path(path)
+    for marker, recorded_of in _MARKERS.items():
+        if not (path.parent / marker).is_file():
+            continue
+        summary = read_json(path.parent / marker)
+        recorded = recorded_of(summary, path.stem) if isinstance(summary, dict) else None
+        if isinstance(recorded, str) and sha256_cached(path) != recorded:
+            raise UserError(f"{path}: changed since {marker} recorded it (sha256 differs); re-run the stage that "
+                            f"made {path.parent}")
 
 
 def allowed_roots(manifest: str | os.PathLike) -> list[Path]:

@@ -40,6 +40,7 @@ from datadream.io import (
     mark_started,
     mkdtemp,
     read_json,
+    sha256_cached,
     sha256_file,
     sha256_json,
     writes_output,
@@ -402,6 +403,24 @@ def read_index(adapters_dir: str | os.PathLike) -> dict:
     if not (adapters_dir / MARKER).exists():
         raise UserError(f"--adapters {adapters_dir}: no {MARKER} (not a finished adapt output)")
     return read_json(adapters_dir / MARKER)
+
+
+def verify_adapters(adapters_dir: str | os.PathLike, index: dict, units: set[str]) -> None:
+    """Check the weights of `units` against the sha256 their adapter.json records (inside the folder,
+    regular files, content unchanged); UserError naming the first file that fails."""
+    adapters_dir = Path(adapters_dir)
+    root = os.path.realpath(adapters_dir)
+    for unit in sorted(units):
+        weights = adapters_dir / unit / index.get("weight_name", WEIGHTS)
+        meta = read_json(adapters_dir / unit / "adapter.json")
+        real = os.path.realpath(weights)
+        if not real.startswith(root + os.sep):
+            raise UserError(f"{weights}: lies outside --adapters {adapters_dir}")
+        if not os.path.isfile(real):
+            raise UserError(f"{weights}: missing or not a regular file; re-run adapt")
+        if sha256_cached(real) != meta.get("weights_sha256"):
+            raise UserError(f"{weights}: changed since adapt wrote it (sha256 differs from {unit}/adapter.json); "
+                            "re-run adapt")
 
 
 @writes_output("out")

@@ -48,7 +48,7 @@ from datadream.io import (
     writes_output,
 )
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
-from datadream.stages.adapt import read_index
+from datadream.stages.adapt import read_index, verify_adapters
 
 log = logging.getLogger(__name__)
 MARKER = "generate.json"
@@ -83,6 +83,7 @@ def run(
     missing = [c.slug for c in classes if c.slug not in index["classes"]]
     if missing:
         raise UserError(f"--adapters {adapters_dir}: no adapter for class(es) {missing}")
+    verify_adapters(adapters_dir, index, {index["classes"][c.slug] for c in classes})
     fingerprint = fingerprint_of(config, index, classes)
     if check_output_dir(out, MARKER, fingerprint):
         log.info("generate: %s already holds these images; nothing to do", out)
