@@ -359,3 +359,18 @@ def test_progress_bars_only_at_a_terminal_and_never_with_q(tmp_path, demo_datase
             seen += chunk
     os.close(leader)
     assert quiet.returncode == 0 and b"%|" not in seen and b"fewshot: done" not in seen, seen
+
+
+def test_a_changed_classifier_is_refused(tmp_path, tiny):
+    from helpers import colour_task
+
+    from datadream.stages import classify, evaluate
+
+    fewshot, synthetic = colour_task(tmp_path, shots=2, test=1, synthetic_per_class=1)
+    clf = classify.run(tiny("classify.epochs=0"), fewshot, synthetic, tmp_path / "clf")
+    evaluate.load_classifier(clf, tiny().models, device="cpu")
+    head = clf / classify.HEAD_FILE
+    head.write_bytes(head.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(UserError, match=f"{head}: missing or changed since classify wrote it"):
+        evaluate.run(tiny(), clf, fewshot / "test.jsonl", tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()

@@ -547,6 +547,7 @@ def run(
         "counts": {"real": len(real), "real_repeats": real_repeats, "synthetic": len(synthetic),
                    "train_per_epoch": len(train), "val": len(val)},
         "seed": seed,
+        "files_sha256": {name: sha256_file(out / name) for name in (LORA_FILE, HEAD_FILE)},
     })
     del loader  # ends the persistent workers before the cache they map is removed
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

@@ -29,6 +29,7 @@ from datadream.io import (
     atomic_write_json,
     check_output_dir,
     read_json,
+    sha256_cached,
     sha256_file,
     sha256_json,
     staged_dir,
@@ -102,6 +103,10 @@ def load_classifier(
         lora_cfg = meta["lora"]
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{folder / MARKER}: missing or malformed field ({e})") from None
+    for name, digest in (meta.get("files_sha256") or {}).items():  # older classifier folders lack it
+        if not (folder / name).is_file() or sha256_cached(folder / name) != digest:
+            raise UserError(f"{folder / name}: missing or changed since classify wrote it (sha256 differs from "
+                            f"{MARKER}); re-run classify")
     models = config_models_override or ModelsConfig(
         clip=recorded["clip"], clip_pretrained=recorded["clip_pretrained"]
     )
