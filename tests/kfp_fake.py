@@ -12,129 +12,38 @@ and answers in the server's snake_case JSON (protojson with proto names).
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import re
-import threading
 import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import yaml
+from loopback import LoopbackAPI, Request
 
 API = "/apis/v2beta1"
 NOW = "2026-01-01T00:00:00Z"
 
 
-@dataclass
-class Request:
-    """One request as the server saw it. Header names are lower-case."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    json: Any = None
-    fields: dict[str, str] = field(default_factory=dict)  # multipart text fields
-    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # multipart name -> (filename, content)
-
-
-class FakeKFP:
+class FakeKFP(LoopbackAPI):
     """Start with `start()` or `with`; `url` is http://127.0.0.1:<free port>."""
 
     def __init__(self, token: str | None = None, login_redirect: bool = False) -> None:
+        super().__init__()
         self.token = token  # when set, a request without "Bearer <token>" gets 401 ...
         self.login_redirect = login_redirect  # ... or, like oauth2-proxy in front of Kubeflow, a 302 to a login page
-        self.requests: list[Request] = []
         self.pipelines: dict[str, dict] = {}
         self.versions: dict[str, dict] = {}
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # --- lifecycle
-
-    def start(self) -> FakeKFP:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as urllib3 expects
-            disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
-
-            def do_GET(self) -> None:
-                fake._handle(self)
-
-            do_POST = do_GET
-
-            def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                         daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeKFP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    # --- assertions helpers
-
-    def calls(self) -> list[tuple[str, str]]:
-        return [(r.method, r.path) for r in self.requests]
-
-    def find(self, method: str, path: str) -> list[Request]:
-        return [r for r in self.requests if r.method == method and r.path == path]
-
-    # --- request handling
-
-    def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        parts = urlsplit(h.path)
-        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
-        req = Request(h.command, parts.path, dict(parse_qsl(parts.query, keep_blank_values=True)),
-                      {k.lower(): v for k, v in h.headers.items()})
-        ctype = h.headers.get("Content-Type") or ""
-        if ctype.startswith("multipart/form-data"):
-            req.fields, req.files = _multipart(ctype, body)
-        elif body:
-            req.json = json.loads(body)
-        with self._lock:
-            self.requests.append(req)
-            headers = {"Content-Type": "application/json"}
-            if self.token and req.headers.get("authorization") != f"Bearer {self.token}":
-                status, payload = 401, _grpc_error(16, "Unauthenticated: missing or invalid bearer token")
-                if self.login_redirect:
-                    status, headers = 302, {"Location": "/dex/auth?state=x", "Content-Type": "text/html"}
-            else:
-                status, payload = self._route(req)
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        for name, value in headers.items():
-            h.send_header(name, value)
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+    def respond(self, req: Request) -> tuple:
+        if self.token and req.headers.get("authorization") != f"Bearer {self.token}":
+            error = _grpc_error(16, "Unauthenticated: missing or invalid bearer token")
+            if self.login_redirect:
+                return 302, error, {"Location": "/dex/auth?state=x", "Content-Type": "text/html"}
+            return 401, error
+        return self._route(req)
 
     def _route(self, r: Request) -> tuple[int, Any]:
         m, p = r.method, r.path
@@ -206,20 +115,6 @@ class FakeKFP:
                    "created_at": NOW, "pipeline_spec": spec}
         self.versions[version["pipeline_version_id"]] = version
         return version
-
-
-def _multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    fields, files = {}, {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        content = part.get_payload(decode=True) or b""
-        if part.get_filename() is not None:
-            files[name] = (part.get_filename(), content)
-        else:
-            fields[name] = content.decode()
-    return fields, files
 
 
 def _matches(item: dict, filter_json: str | None) -> bool:
