@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from datadream import __version__
-from datadream.errors import UserError
+from datadream.errors import InfraError, UserError
 
 log = logging.getLogger("datadream")
 
@@ -451,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"datadream {args.command}: error: {e}\n")
         return 2
+    except InfraError as e:
+        sys.stderr.write(f"datadream {args.command}: error: {e}\n")
+        return 1
     except OSError as e:  # no space, read-only, no permission: the user must act, so no retry and no traceback
         from datadream.io import oserror_message
 

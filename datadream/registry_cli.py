@@ -1,4 +1,5 @@
-"""`datadream registry list|promote|rollback`: look at and move the `champion` alias by hand.
+"""`datadream registry list|promote|rollback|deploy`: look at and move the `champion` alias by hand, and
+serve it on the cluster (datadream.serving.deploy; kubernetes is imported only by the commands using it).
 
 Wired into datadream.cli with `registry_cli.add_parser(sub)` and, for `args.command == "registry"`,
 `registry_cli.run(args)`. Results go to stdout; bad input raises UserError (exit 2).
@@ -14,6 +15,7 @@ from datadream.errors import UserError
 # registry.KINDS, spelled out so that building the parser (every `datadream …` command) does not
 # import mlflow (~2 s); tests/test_cli.py checks the two agree.
 KINDS = ("classifier", "adapters")
+DEFAULT_NAMESPACE = "datadream-serving"  # datadream.serving.manifests.DEFAULT_NAMESPACE (tests check)
 _TABLE_METRICS = ("test_top1", "test_top5", "test_mean_per_class")
 _NAME_HELP = "registry name: the models are NAME-classifier and NAME-sd-lora"
 
@@ -40,16 +42,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "the gate's decision and when it was created.")
     a.add_argument("name", metavar="NAME", help=_NAME_HELP)
 
-    a = sub.add_parser("promote", parents=[common], help="make VERSION the champion (no gate)",
+    cluster = argparse.ArgumentParser(add_help=False)
+    g = cluster.add_argument_group("serving on the cluster")
+    g.add_argument("--namespace", default=DEFAULT_NAMESPACE, metavar="NS",
+                   help=f"namespace of the serving Deployment (default {DEFAULT_NAMESPACE})")
+    g.add_argument("--image", default=None, metavar="IMAGE",
+                   help="container image with datadream and mlflow; pin it by digest in production "
+                   "(default $DATADREAM_IMAGE or the pipeline's image)")
+    g.add_argument("--gpu", action="store_true", help="one NVIDIA GPU per pod, on the GPU node group")
+    g.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="how long the rollout may take before it is undone (default 900)")
+    g.add_argument("--context", default=None, metavar="CTX",
+                   help="kubeconfig context (default: in-cluster inside a pod, else the current context)")
+
+    a = sub.add_parser("promote", parents=[common, cluster], help="make VERSION the champion (no gate)",
                        description="Set the 'champion' alias on VERSION by hand and record it in the champion "
-                       "history, so 'rollback' can undo it.")
+                       "history, so 'rollback' can undo it. With --deploy, also roll it out on the cluster; "
+                       "if the rollout fails the alias moves back.",
+                       epilog="example: datadream registry promote pets 7 --deploy --tracking-uri http://mlflow:5000",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("name", metavar="NAME", help=_NAME_HELP)
     a.add_argument("version", metavar="VERSION", help="model version number")
+    a.add_argument("--deploy", action="store_true", help="then serve the new champion (see 'registry deploy')")
 
-    a = sub.add_parser("rollback", parents=[common], help="move the champion back to the previous champion",
+    a = sub.add_parser("rollback", parents=[common, cluster], help="move the champion back to the previous champion",
                        description="Set 'champion' on the version that held it before the current one "
-                       "(from the registered model's champion_history tag).")
+                       "(from the registered model's champion_history tag). With --deploy, also roll the "
+                       "cluster back to it; if that rollout fails the alias moves forward again.",
+                       epilog="example: datadream registry rollback pets --deploy",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    a.add_argument("--deploy", action="store_true", help="then serve the restored champion")
+
+    a = sub.add_parser(
+        "deploy", parents=[common, cluster], help="serve the champion classifier on Kubernetes",
+        description="Render the Deployment (mlflow models serve on models:/NAME-classifier/<version>), "
+        "Service, HorizontalPodAutoscaler and PodDisruptionBudget for the version ALIAS points to, apply them "
+        "through the Kubernetes API and wait for the rolling update. A rollout that is not ready within "
+        "--timeout is undone: the previous version keeps serving.",
+        epilog="examples:\n  datadream registry deploy pets --dry-run > pets.yaml\n"
+        "  datadream registry deploy pets --namespace datadream-serving --tracking-uri http://mlflow:5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    a.add_argument("--alias", default="champion", help="registry alias to serve (default champion)")
+    a.add_argument("--dry-run", action="store_true", help="print the manifests as YAML; change nothing")
     return p
 
 
@@ -76,7 +112,11 @@ def run(args: argparse.Namespace) -> None:
     from datadream import registry
 
     model = registry.registered_name(args.name, args.kind)
-    if args.registry_command == "list":
+    if getattr(args, "deploy", False) or args.registry_command == "deploy":
+        if args.kind != "classifier":
+            raise UserError(f"registry {args.registry_command}: only the classifier is served; drop --kind {args.kind}")
+        _run_deploy(args, tracking_uri)
+    elif args.registry_command == "list":
         rows = registry.list_versions(args.name, kind=args.kind, tracking_uri=tracking_uri)
         print(format_table(rows) if rows else f"{model}: no versions")
     elif args.registry_command == "promote":
@@ -91,3 +131,24 @@ def run(args: argparse.Namespace) -> None:
               "(rolled back)")
     else:  # argparse's `required=True` makes this unreachable from the command line
         raise ValueError(f"unknown registry action {args.registry_command!r}")
+
+
+def _run_deploy(args: argparse.Namespace, tracking_uri: str) -> None:
+    from datadream import registry
+    from datadream.serving import deploy
+    from datadream.serving.manifests import ServingSettings
+
+    settings = ServingSettings(namespace=args.namespace, image=args.image, gpu=args.gpu)
+    options = {"settings": settings, "timeout_s": args.timeout, "context": args.context}
+    model = registry.classifier_name(args.name)
+    if args.registry_command == "deploy":
+        result = deploy.deploy(args.name, alias=args.alias, tracking_uri=tracking_uri, dry_run=args.dry_run, **options)
+        print(result if isinstance(result, str) else result.line(), end="" if isinstance(result, str) else "\n")
+        return
+    if args.registry_command == "promote":
+        moved, result = deploy.promote_and_deploy(args.name, args.version, tracking_uri=tracking_uri, **options)
+    else:
+        moved, result = deploy.rollback_and_deploy(args.name, tracking_uri=tracking_uri, **options)
+    print(f"{model}: champion {moved['champion_before'] or 'none'} -> {moved['champion_after']}"
+          + (" (rolled back)" if args.registry_command == "rollback" else ""))
+    print(result.line())

@@ -137,7 +137,8 @@ def test_candidate_predicts_like_the_classifier_from_base64_and_paths(registered
     model = mlflow.pyfunc.load_model("models:/colours-classifier@candidate")
     for column in ([b64(p) for p in images], [str(p) for p in images]):
         out = model.predict(pd.DataFrame({"image": column}))
-        assert list(out.columns) == ["label", "name", "probability", "probabilities"]
+        assert list(out.columns) == ["label", "name", "probability", "probabilities", "model_version"]
+        assert out["model_version"].isna().all()  # not served by a Deployment: no version to report
         assert out["label"].tolist() == labels
         assert set(out["name"]) <= {"colour 0", "colour 1", "colour 2"}
         got = torch.tensor(out["probabilities"].tolist())

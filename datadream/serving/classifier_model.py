@@ -21,6 +21,10 @@ decode. Output, one row per input row:
     probabilities  list of floats, one per class in the classifier's class order (the MLmodel's
                    metadata `classes` lists the slugs in that order); a list rather than one column per
                    class keeps the schema fixed whatever the classes are called
+    model_version  the registry version that answered, from $DATADREAM_MODEL_VERSION, which the
+                   serving Deployment sets beside the pinned model URI (datadream.serving.manifests);
+                   null when the model is loaded some other way. During a rolling update a client
+                   sees it change once every pod serves the new version.
 
 An unusable image fails the whole request with an error naming its row (HTTP 400 when served).
 """
@@ -38,7 +42,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ("label", "name", "probability", "probabilities")
+OUTPUT_COLUMNS = ("label", "name", "probability", "probabilities", "model_version")
+MODEL_VERSION_ENV = "DATADREAM_MODEL_VERSION"  # datadream.serving.manifests.MODEL_VERSION_ENV
 # Artifact keys; datadream.registry logs the artifacts under these names.
 CLASSIFIER_ARTIFACT = "classifier"
 BASE_WEIGHTS_ARTIFACT = "base_weights"
@@ -102,6 +107,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
                 override = ModelsConfig(clip=recorded["clip"], clip_pretrained=weights)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.classifier = load_classifier(folder, override, device)
+        self.model_version = os.environ.get(MODEL_VERSION_ENV) or None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if INPUT_COLUMN not in model_input.columns:
@@ -116,7 +122,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
                 top = int(p.argmax())
                 info = clf.classes[top]
                 rows.append({"label": info.slug, "name": info.name, "probability": float(p[top]),
-                             "probabilities": [float(x) for x in p]})
+                             "probabilities": [float(x) for x in p],
+                             "model_version": getattr(self, "model_version", None)})
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 

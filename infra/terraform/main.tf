@@ -10,6 +10,7 @@ locals {
   mlflow_port        = 5000
   mlflow_service_dns = "mlflow.${local.mlflow_namespace}.svc.cluster.local"
   pipeline_root      = "s3://${module.buckets.pipeline_root_bucket}/${var.pipeline_root_prefix}"
+  serving_namespace  = "datadream-serving" # datadream.serving.manifests.DEFAULT_NAMESPACE
 }
 
 module "network" {
@@ -116,7 +117,7 @@ module "mlflow" {
   db_port                = module.database.port
   db_username            = module.database.username
   db_password            = module.database.password
-  client_namespaces      = [local.kfp_namespace]
+  client_namespaces      = [local.kfp_namespace, local.serving_namespace]
 
   depends_on = [module.eks, module.iam]
 }
@@ -135,4 +136,26 @@ module "config" {
   optuna_storage         = module.mlflow.optuna_storage_url
 
   depends_on = [module.kfp]
+}
+
+# The classifier's serving namespace (RBAC, credentials, NetworkPolicy); `datadream registry deploy` applies
+# the Deployment/Service/HPA/PDB of the champion version there.
+module "serving" {
+  source = "./modules/serving"
+
+  namespace                = local.serving_namespace
+  service_account          = "datadream-serving"
+  config_map               = "datadream-config"
+  secret                   = "datadream-secrets"
+  port                     = 8080
+  mlflow_tracking_uri      = "http://${local.mlflow_service_dns}:${local.mlflow_port}"
+  region                   = var.region
+  mlflow_username          = module.mlflow.admin_username
+  mlflow_password          = module.mlflow.admin_password
+  pipeline_namespace       = local.kfp_namespace
+  pipeline_service_account = local.kfp_runner_sa
+  deployer_groups          = var.serving_deployer_groups
+  client_namespaces        = concat([local.serving_namespace], var.serving_client_namespaces)
+
+  depends_on = [module.eks]
 }

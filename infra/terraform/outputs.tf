@@ -41,3 +41,8 @@ output "mlflow_admin_secret" {
   description = "Kubernetes Secret (namespace/name) holding the MLflow admin credentials; rotate them after the first login."
   value       = module.mlflow.admin_secret
 }
+
+output "serving_namespace" {
+  description = "Namespace of the classifier servers (`datadream registry deploy --namespace`); in-cluster URL http://<name>-classifier.<namespace>.svc.cluster.local/invocations."
+  value       = module.serving.namespace
+}

@@ -274,3 +274,25 @@ variable "hf_token" {
   default     = ""
   sensitive   = true
 }
+
+variable "serving_deployer_groups" {
+  description = "Kubernetes groups allowed to run `datadream registry deploy` (the datadream-deployer Role in the serving namespace)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for g in var.serving_deployer_groups : length(g) > 0])
+    error_message = "serving_deployer_groups must not contain empty names."
+  }
+}
+
+variable "serving_client_namespaces" {
+  description = "Namespaces (besides the serving namespace) whose pods may call the classifier servers."
+  type        = list(string)
+  default     = ["kubeflow"]
+
+  validation {
+    condition     = alltrue([for n in var.serving_client_namespaces : can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", n))])
+    error_message = "serving_client_namespaces must be Kubernetes namespace names."
+  }
+}
