@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from datadream.serving.local import stop_process_group
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 ARTIFACTS_BUCKET = "mlflow-artifacts"
@@ -107,22 +108,6 @@ def _tail(log: Path, lines: int = 60) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a server we started in its own session, with whatever workers it forked (its process group)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-    # Workers may outlive a leader that exited on its own.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _bin(name: str) -> str:
     """A console script of this virtualenv (beside the running interpreter)."""
     path = Path(sys.executable).parent / name
@@ -143,7 +128,7 @@ def _server(cmd: list[str], env: dict[str, str], health_url: str, what: str, tim
             _wait_http(health_url, proc, log, timeout_s, what)
             yield log
         finally:
-            _stop(proc)
+            stop_process_group(proc)
 
 
 # --- context managers ----------------------------------------------------------------------------------

@@ -10,11 +10,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -24,6 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from helpers import colour_task
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -526,60 +525,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def pod_server(name: str, tracking: str, scratch: Path):
+    """The serving pod's own command line and environment (from `registry deploy --dry-run`'s Deployment)
+    for NAME's champion, on loopback; yields the base URL."""
+    from datadream.serving import deploy, local
+    from datadream.serving.manifests import ServingSettings
+
+    rendered = deploy.deploy(name, tracking_uri=tracking, dry_run=True, settings=ServingSettings(image="img:1"))
+    deployment = next(yaml.safe_load_all(rendered))
+    port = free_port()
+    argv, env = local.pod_process(deployment, port=port, scratch=scratch, values={"MLFLOW_TRACKING_URI": tracking})
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Only where it listens differs from the pod's command line.
+    expected = list(args)
+    expected[args.index("-h") + 1], expected[args.index("-p") + 1] = "127.0.0.1", str(port)
+    assert Path(argv[0]).name == "mlflow" and argv[1:] == expected
+    log = scratch / "server.log"
+    proc = local.start(argv, env, log)
+    try:
+        local.wait_ready(f"http://127.0.0.1:{port}/ping", proc, log, timeout_s=240)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        local.stop_process_group(proc)
+
+
+def invocations(base: str, images: list[str]) -> list[dict]:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[x] for x in images]}}
+    request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())["predictions"]
+
+
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_invocations(registered, classifier, tracking):
+def test_pod_command_serves_the_champion_and_the_promoted_version_after(registered, classifier, tracking, tmp_path):
     folder, images, _ = classifier
     labels, _ = expected_labels(folder, images[:2])
-    port = free_port()
-    # The server execs `uvicorn` by name: the venv's bin folder must be on PATH even when not activated.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/colours-classifier@candidate",
-         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
-            assert time.time() < deadline, "the scoring server did not answer /ping"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        body = {"dataframe_split": {"columns": ["image"], "data": [[b64(p)] for p in images[:2]]}}
-        request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            predictions = json.loads(r.read())["predictions"]
+    v1, v2 = add_version(registered, "served", 0.5), add_version(registered, "served", 0.6)
+    registry.promote("served", v1)
+    with pod_server("served", tracking, tmp_path / "pod1") as base:
+        predictions = invocations(base, [b64(p) for p in images[:2]])
         assert [p["label"] for p in predictions] == labels
         assert all(len(p["probabilities"]) == 3 for p in predictions)
+        assert {p["model_version"] for p in predictions} == {v1}
         # A bad image is the client's fault: 400 with the row named, not a 500.
-        bad = {"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}
-        request = urllib.request.Request(f"{base}/invocations", data=json.dumps(bad).encode(),
-                                         headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(request, timeout=60)
+            invocations(base, ["bm90IGFuIGltYWdl"])
         assert err.value.code == 400 and "row 0" in err.value.read().decode()
-    finally:
-        stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop the server we started and the workers it forked (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
-    proc.stdout.close()
+    registry.promote("served", v2)
+    with pod_server("served", tracking, tmp_path / "pod2") as base:
+        predictions = invocations(base, [b64(images[0])])
+        assert predictions[0]["model_version"] == v2 and predictions[0]["label"] == labels[0]
