@@ -390,15 +390,9 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file {path}: not found") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {path}: is a folder, expected a YAML file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-    return _parse_yaml(text, f"config file {path}")
+    from datadream.io import read_text
+
+    return _parse_yaml(read_text(path, "config file"), f"config file {path}")
 
 
 def _parse_yaml(text: str, source: str) -> dict:
