@@ -264,7 +264,7 @@ def measure_adapt(config, fewshot_dir: Path, work: Path, steps: tuple[int, int])
     with PeakMemory() as mem:
         for s in steps:
             # epochs high enough that max_steps decides; no mid-run checkpoints, so only training is timed.
-            cfg = with_(config, adapt={"mode": "class", "max_steps": s, "epochs": 10_000, "checkpoint_every": 10**9})
+            cfg = with_(config, adapt={"mode": "class", "max_steps": s, "epochs": 10_000, "checkpoint_every": 10**8})
             seeded(cfg)
             _, t = timed(adapt.run, cfg, fewshot_dir, work / f"adapters-{s}")
             log.info("adapt: %d classes × %d steps in %.2f s", n_classes, s, t)
@@ -376,7 +376,7 @@ def measure_classify(config, fewshot_dir: Path, synthetic: Path, work: Path, epo
     seconds = []
     with PeakMemory() as mem:
         for e in epochs:
-            cfg = with_(config, classify={"train_on": "synthetic", "epochs": e, "val_every": 10**9})
+            cfg = with_(config, classify={"train_on": "synthetic", "epochs": e, "val_every": 10**5})
             seeded(cfg)
             _, t = timed(classify.run, cfg, fewshot_dir, tiled, work / f"classifier-{e}")
             log.info("classify: %d images × %d epochs in %.2f s", n, e, t)

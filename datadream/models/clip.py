@@ -307,3 +307,12 @@ def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x
+
+
+def apply_speed_options(model: nn.Module, run, device) -> list[str]:
+    """run.compile for the classifier: both towers compiled in place (CUDA only; CPU stays eager)."""
+    if not run.compile or getattr(device, "type", device) != "cuda":
+        return []
+    model.visual.compile()
+    model.transformer.compile()
+    return ["compile"]
