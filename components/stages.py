@@ -372,6 +372,9 @@ def register(
     promote_floor: float,
     kfp_run_id: str,
     mlflow_run: str,
+    deploy: bool = False,
+    serving_image: str = "",
+    serving_namespace: str = "datadream-serving",
 ) -> NamedTuple("RegisterOutputs", [("classifier_version", str), ("adapters_version", str), ("decision", str)]):
     """Register the adapters and the best classifier in MLflow; the gate decides on `champion`.
 
@@ -392,9 +395,13 @@ def register(
         kfp_run_id: the KFP run, for lineage.
         mlflow_run: the run's parent MLflow run (registration is its "register" child, and it is
             finished here); "" = find or open it by kfp_run_id.
+        deploy: when the gate promotes, serve the new champion in `serving_namespace` with
+            `serving_image` (datadream.serving.deploy.deploy_after_gate; the pipeline-runner
+            ServiceAccount needs the datadream-deployer Role there). A failed rollout moves the champion
+            back and is reported in `decision`; the step itself succeeds, since a retry would register again.
     Returns:
         classifier_version, adapters_version: the new registry versions ("" when skipped).
-        decision: the gate's decision ("promoted", "rejected: …", or "skipped").
+        decision: the gate's decision ("promoted", "rejected: …", or "skipped"), then the deploy's outcome.
     """
     import json
     from collections import namedtuple
@@ -434,7 +441,14 @@ def register(
                                                {**lineage, "adapter_version": adapters_version})
         gate = registry.promote_if_better(register_name, version, margin=promote_margin, floor=promote_floor)
     tracking.finish_pipeline_run(parent)
-    return outputs(version, adapters_version, f"{gate['decision']}: {gate['reason']}")
+    decision = f"{gate['decision']}: {gate['reason']}"
+    if deploy:
+        from datadream.serving.deploy import deploy_after_gate
+        from datadream.serving.manifests import ServingSettings
+
+        settings = ServingSettings(namespace=serving_namespace, image=serving_image or None)
+        decision += f"; {deploy_after_gate(register_name, gate, settings=settings)}"
+    return outputs(version, adapters_version, decision)
 
 
 def tune_prepare(

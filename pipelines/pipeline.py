@@ -48,6 +48,8 @@ class ClusterSettings:
     config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                                         "DATADREAM_CACHE", "HF_HOME")
     secret: str = "datadream-secrets"
+    # Where the register step serves a champion it promoted, with `deploy` on (infra/terraform/modules/serving).
+    serving_namespace: str = "datadream-serving"
     secret_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
                                     "OPTUNA_STORAGE")
     extra: dict = field(default_factory=dict)
@@ -105,6 +107,8 @@ PARAMETER_HELP = {
     "promote_margin": "The gate: a new classifier becomes champion only if its test top-1 beats the "
                       "champion's by more than this.",
     "promote_floor": "The gate: the least test top-1 a champion must have.",
+    "deploy": "When the gate promotes, serve the new champion on the cluster (datadream registry deploy); "
+              "if the rollout fails, the champion moves back.",
 }
 
 
@@ -133,7 +137,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
     import components
 
     s = settings or ClusterSettings()
-    ops = components.build(components.image_reference() if s.image is None else s.image)
+    image = components.image_reference() if s.image is None else s.image
+    ops = components.build(image)
 
     def tail(fs, synthetic, adapters, mode: str, p: dict):
         """classify + evaluate for each requested training set, a summary report, registration."""
@@ -154,7 +159,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
             register_name=p["register_name"], dataset=p["dataset"], data_hash=fs.outputs["data_hash"], mode=mode,
             shots=p["shots"], seed=p["seed"], sd_model=p["sd_model"], clip_model=clip_model,
             clip_pretrained=clip_pretrained, promote_margin=p["promote_margin"], promote_floor=p["promote_floor"],
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_run=mlflow_run), s)
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_run=mlflow_run, deploy=p["deploy"],
+            serving_image=image, serving_namespace=s.serving_namespace), s)
         reg.set_caching_options(False)  # a side effect in the registry: never replayed from cache
 
     @dsl.pipeline(
@@ -180,11 +186,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
         register_name: str = "datadream",
         promote_margin: float = 0.0,
         promote_floor: float = 0.0,
+        deploy: bool = False,
     ):
         """One DataDream run: few-shot set, SD adapters, synthetic images, classifiers, registration."""
         p = dict(dataset=dataset, shots=shots, seed=seed, train_on=train_on, sd_model=sd_model,
                  clip_model=clip_model, clip_pretrained=clip_pretrained, preset=preset, config=config,
-                 register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor)
+                 register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor,
+                 deploy=deploy)
         fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=gpus, mode=mode,
                                 images_per_class=images_per_class, sd_model=sd_model, clip_model=clip_model,
                                 clip_pretrained=clip_pretrained,

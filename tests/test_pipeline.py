@@ -8,6 +8,7 @@ import pytest
 import yaml
 from kfp_fake import FakeKFP
 
+import components
 from datadream.cli import main
 from datadream.data.manifest import read_manifest
 from pipelines.pipeline import ClusterSettings, compile_pipeline
@@ -96,7 +97,12 @@ def test_caching_and_parameter_defaults(ir):
         "dataset": "demo", "shots": 16, "seed": 1, "mode": "class", "images_per_class": 500,
         "train_on": ["synthetic"], "gpus": 1, "sd_model": "stabilityai/stable-diffusion-2-1-base",
         "clip_model": "ViT-B-16", "clip_pretrained": "openai", "preset": "paper", "config": "",
-        "register_name": "datadream", "promote_margin": 0.0, "promote_floor": 0.0}
+        "register_name": "datadream", "promote_margin": 0.0, "promote_floor": 0.0, "deploy": False}
+    # The register step deploys (when `deploy` is on) with the pipeline's own image, in the serving namespace.
+    register = tasks["register"]["inputs"]["parameters"]
+    assert register["deploy"] == {"componentInputParameter": "pipelinechannel--deploy"}
+    assert register["serving_image"]["runtimeValue"]["constant"] == components.image_reference()
+    assert register["serving_namespace"]["runtimeValue"]["constant"] == ClusterSettings().serving_namespace
     assert "token" not in json.dumps(params).lower() and "secret" not in json.dumps(params).lower()
     # The Kubeflow UI shows each parameter's description from the IR (the pipeline's "Args:" docstring).
     assert params["mode"]["description"].startswith('"class": one Stable Diffusion LoRA adapter per class')

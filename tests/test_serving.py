@@ -343,3 +343,34 @@ def test_registry_cli_imports_no_kubernetes_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert out.strip() == "[]"
+
+
+def test_the_register_steps_deploy_serves_a_promotion_and_undoes_a_failed_one(store, cluster):
+    """components.stages.register with `deploy` on: deploy_after_gate after the gate's verdict."""
+    from datadream.serving.deploy import deploy_after_gate
+
+    uri, name = store
+    client = MlflowClient(tracking_uri=uri)
+    for version, top1 in (("1", 0.5), ("2", 0.6), ("3", 0.7)):
+        client.set_model_version_tag(f"{name}-classifier", version, "test_top1", str(top1))
+    settings = ServingSettings(image="ghcr.io/x/datadream:1")
+    obj = f"{name}-classifier"
+
+    gate = registry.promote_if_better(name, "1", tracking_uri=uri)
+    outcome = deploy_after_gate(name, gate, tracking_uri=uri, settings=settings, timeout_s=5)
+    assert outcome.startswith("deployed: ") and cluster.served_version(NS, obj) == "1"
+
+    kept = registry.promote_if_better(name, "1", tracking_uri=uri)
+    assert deploy_after_gate(name, kept, tracking_uri=uri, settings=settings) == \
+        "not deployed: the gate kept the champion"
+
+    cluster.broken_versions.add("2")
+    gate = registry.promote_if_better(name, "2", tracking_uri=uri)
+    outcome = deploy_after_gate(name, gate, tracking_uri=uri, settings=settings, timeout_s=0.5)
+    assert outcome.startswith("deploy failed: ") and "champion moved back to version 1" in outcome
+    assert cluster.served_version(NS, obj) == "1"
+    assert client.get_registered_model(obj).aliases["champion"] == 1
+
+    gate = registry.promote_if_better(name, "3", tracking_uri=uri)
+    assert deploy_after_gate(name, gate, tracking_uri=uri, settings=settings, timeout_s=5).startswith("deployed")
+    assert cluster.history(NS, obj) == ["1", "2", "1", "3"]

@@ -412,6 +412,23 @@ def rollback_and_deploy(name: str, *, tracking_uri: str | None = None, **deploy_
     return result, _deploy_or_undo(name, result, tracking_uri, deploy_args, undo=undo)
 
 
+def deploy_after_gate(name: str, gate: dict, *, tracking_uri: str | None = None, **deploy_args) -> str:
+    """The pipeline's register step with `deploy` on: serve the version the gate just promoted. Returns
+    what happened as one line and never raises for a failed rollout (the champion moves back first):
+    the step must not fail and be retried, which would register the models again."""
+    from datadream import registry
+
+    if gate["decision"] != "promoted":
+        return "not deployed: the gate kept the champion"
+    undo = (lambda: registry.rollback(name, tracking_uri=tracking_uri)) if gate["champion_before"] else None
+    try:
+        result = _deploy_or_undo(name, gate, tracking_uri, deploy_args, undo=undo)
+    except (UserError, InfraError) as e:
+        log.error("register: deploy failed: %s", e)
+        return f"deploy failed: {e}"
+    return f"deployed: {result.line()}"
+
+
 def _deploy_or_undo(name: str, result: dict, tracking_uri: str | None, deploy_args: dict, undo) -> Any:
     try:
         return deploy(name, version=result["champion_after"], tracking_uri=tracking_uri, **deploy_args)
