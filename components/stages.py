@@ -172,24 +172,47 @@ def generate(
     with tracking.tracked_stage(mlflow_run, name, cfg.to_dict()["generate"], prefix="generate"):
         stage.run(cfg, fewshot_set.path, adapters.path, synthetic.path, shard=shard or None)
         if mlflow_run:
+            from datadream import quality
             from datadream.report import sample_grid
 
             tracking.log_artifact_file(Path(synthetic.path) / "generate.json")
             tracking.log_image(sample_grid(synthetic.path, fewshot_dir=fewshot_set.path), "samples.png")
+            if report := quality.read_report(synthetic.path):  # this shard's classes; gather has all of them
+                tracking.log_final_metrics(quality.run_metrics(report))
+                tracking.log_table(quality.class_table(report), "quality_per_class.json")
+                tracking.log_artifact_file(Path(synthetic.path) / quality.REPORT)
     synthetic.metadata.update({"shard": shard, "images_per_class": images_per_class})
 
 
-def gather(shards: Input[list[Dataset]], synthetic: Output[Dataset]):
-    """Gather the synthetic images of every class shard into one SyntheticSet.
+def gather(shards: Input[list[Dataset]], mlflow_run: str, synthetic: Output[Dataset], quality: Output[Metrics]):
+    """Gather the synthetic images of every class shard into one SyntheticSet, and show its quality.
 
     Args:
         shards: the SyntheticSets of the generate fan-out.
-        synthetic: all classes' images and one manifest.
+        mlflow_run: the parent MLflow run from the fewshot step; "" = untracked. The gather run gets the
+            quality metrics and the per-class table; the parent gets synthetic_class_agreement and
+            synthetic_fd_clip.
+        synthetic: all classes' images, one manifest, quality.json (measured with the base CLIP).
+        quality: the synthetic set's overall quality (class agreement, CLIPScore, diversity, near copies,
+            FD to the val split, precision and recall), shown in the UI.
     """
+    from pathlib import Path
+
+    from datadream import quality as q
+    from datadream import tracking
     from datadream.stages import generate as stage
 
-    stage.merge([s.path for s in shards], synthetic.path)
+    with tracking.tracked_stage(mlflow_run, "gather", {"shards": len(shards)}, prefix="gather"):
+        stage.merge([s.path for s in shards], synthetic.path)
+        report = q.read_report(synthetic.path)
+        if mlflow_run and report:
+            tracking.log_final_metrics(q.run_metrics(report))
+            tracking.log_table(q.class_table(report), "quality_per_class.json")
+            tracking.log_artifact_file(Path(synthetic.path) / q.REPORT)
+            tracking.log_final_metrics(q.parent_metrics(report), run_id=mlflow_run)
     synthetic.metadata["shards"] = len(shards)
+    for name, value in (q.run_metrics(report) if report else {}).items():
+        quality.log_metric(name, value)
 
 
 def gather_adapters(shards: Input[list[Model]], adapters: Output[Model]):

@@ -201,7 +201,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
         fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
         fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
         shard_list = fs.outputs["shard_list"]
-        common = {"preset": preset, "config": config, "mlflow_run": fs.outputs["mlflow_run"]}
+        run_id = fs.outputs["mlflow_run"]
+        common = {"preset": preset, "config": config, "mlflow_run": run_id}
 
         with dsl.If(mode == "class", name="class-wise"):
             with dsl.ParallelFor(shard_list, name="class-shards") as shard:
@@ -209,7 +210,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
                                       sd_model=sd_model, **common), s)
                 gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
                                           images_per_class=images_per_class, sd_model=sd_model, **common), s)
-            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
+            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
             ads = on_cpu(ops.gather_adapters(shards=dsl.Collected(ad.outputs["adapters"])), s)
             tail(fs, syn.outputs["synthetic"], ads.outputs["adapters"], "class", p)
 
@@ -219,7 +220,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
             with dsl.ParallelFor(shard_list, name="generate-shards") as shard:
                 gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
                                           images_per_class=images_per_class, sd_model=sd_model, **common), s)
-            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"])), s)
+            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
             tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
 
     return datadream

@@ -256,7 +256,7 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     children = {r.data.tags["datadream.stage"]: r
                 for r in client.search_runs([experiment.experiment_id],
                                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert set(children) == {"fewshot", "adapt 0/2", "adapt 1/2", "generate 0/2", "generate 1/2",
+    assert set(children) == {"fewshot", "adapt 0/2", "adapt 1/2", "generate 0/2", "generate 1/2", "gather",
                              "classify synthetic+real", "classify zero-shot",
                              "evaluate synthetic+real", "evaluate zero-shot", "register"}
     assert all(r.info.status == "FINISHED" for r in children.values())
@@ -266,6 +266,15 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     loss = client.get_metric_history(adapt.info.run_id, "loss")
     assert [m.step for m in loss] == [1, 2, 3, 4, 5, 6]  # 3 classes × 2 steps on one axis
     assert {a.path for a in client.list_artifacts(children["generate 1/2"].info.run_id)} >= {"samples.png"}
+    # The synthetic set's quality: per shard on generate, over all classes on gather and (two figures) the
+    # parent run; the report's section.
+    quality = json.loads((run / "gather" / "synthetic" / "quality.json").read_text())
+    gathered = children["gather"].data.metrics
+    assert gathered["class_agreement"] == pytest.approx(quality["overall"]["class_agreement"])
+    assert parent.data.metrics["synthetic_class_agreement"] == gathered["class_agreement"]
+    assert parent.data.metrics["synthetic_fd_clip"] == gathered["fd_clip"]
+    assert "class_agreement" in children["generate 0/2"].data.metrics
+    assert "Synthetic set quality" in report
     ev = children["evaluate synthetic+real"]
     assert 0 <= ev.data.metrics["test_top1"] <= 1
     assert {a.path for a in client.list_artifacts(ev.info.run_id)} >= {"confusion_matrix.png", "per_class.json",

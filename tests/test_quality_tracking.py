@@ -62,3 +62,37 @@ def test_near_copy_pairs_image_puts_the_copy_beside_its_shot(planted):
     left, right = grid.crop((2, 2, 34, 34)), grid.crop((36, 2, 68, 34))
     assert list(left.getdata()) == list(right.getdata())  # the copy and its shot, pixel for pixel
     assert Path(out / pair["image"]).name == "00002.png"
+
+
+def test_gather_step_tracks_quality_on_its_run_the_parent_and_kfp_metrics(planted, tmp_path):
+    """The gather component, called as KFP calls it: the gather run holds the overall figures, the per-class
+    table and quality.json; the pipeline's parent run the two figures its runs table compares; and the
+    step's KFP Metrics the overall figures."""
+    import mlflow
+    from kfp.dsl import Dataset, Metrics
+    from mlflow import MlflowClient
+
+    from components import stages as components
+    from datadream import tracking
+
+    parent = tracking.start_pipeline_run("quality-test", {"kfp.run_id": "q1"})
+    metrics = Metrics(uri=str(tmp_path / "metrics"))
+    components.gather(shards=[Dataset(uri=str(planted[0]))], mlflow_run=parent,
+                      synthetic=Dataset(uri=str(tmp_path / "gathered")), quality=metrics)
+    report = json.loads((tmp_path / "gathered" / quality.REPORT).read_text())
+    o = report["overall"]
+    client = MlflowClient()
+    [child] = client.search_runs([client.get_run(parent).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.data.tags["datadream.stage"] == "gather"
+    assert child.data.metrics == pytest.approx({k: float(o[k]) for k in (
+        "class_agreement", "clip_score", "diversity", "real_diversity", "near_copies", "fd_clip", "precision",
+        "recall", "images")})
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"quality_per_class.json", "quality.json"}
+    table = mlflow.artifacts.load_dict(f"runs:/{child.info.run_id}/quality_per_class.json")
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert sorted(r["class"] for r in rows) == sorted(report["classes"])
+    assert all(r["near_copies"] == report["classes"][r["class"]]["near_copies"] for r in rows)
+    assert client.get_run(parent).data.metrics == {"synthetic_class_agreement": o["class_agreement"],
+                                                   "synthetic_fd_clip": o["fd_clip"]}
+    assert metrics.metadata == child.data.metrics
