@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint checkov
+.PHONY: install demo test lint checkov smoke-312
 $(BIN)/datadream: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -29,5 +29,20 @@ $(CHECKOV_VENV)/bin/checkov:
 
 checkov: $(CHECKOV_VENV)/bin/checkov
 
+# Python 3.12: a non-editable install (the wheel, presets as package data) and the demo, from a folder
+# outside the repository so nothing can be read from the source tree.
+PY312 ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+VENV312 ?= .venv-312
+$(VENV312)/bin/datadream: pyproject.toml
+	$(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/pip install -q --upgrade pip
+	$(VENV312)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV312)/bin/pip install -q .
+	touch $(VENV312)/bin/datadream
+
+smoke-312: $(VENV312)/bin/datadream
+	cd "$$(mktemp -d)" && $(abspath $(VENV312))/bin/datadream -q demo --in-process --out smoke-312-run
+
 test: install lint checkov
 	$(BIN)/pytest -q
+	$(MAKE) smoke-312

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from datadream import __version__
 from datadream.errors import InfraError, UserError
@@ -273,8 +274,6 @@ def _cluster_settings(args):
 
 def _package(args, workdir) -> str:
     """The YAML to send: --package, or the pipeline compiled now with the given cluster settings."""
-    from pathlib import Path
-
     from pipelines.pipeline import compile_pipeline
 
     if args.package:
@@ -286,9 +285,7 @@ def _package(args, workdir) -> str:
 
 def run_pipeline_command(args) -> None:
     import tempfile
-    from pathlib import Path
 
-    from datadream.tracking import git_sha
     from pipelines import client as kfp_client
     from pipelines.pipeline import compile_pipeline, run_local
 
@@ -312,8 +309,13 @@ def run_pipeline_command(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             params = kfp_client.parse_params(args.param, compile_pipeline(Path(tmp) / "p.yaml", name=args.pipeline))
         defaults = LOCAL_DEFAULTS if args.pipeline == "datadream" else {**LOCAL_DEFAULTS, **LOCAL_TUNE_DEFAULTS}
-        run_dir = run_local(args.root, {**defaults, **params}, name=args.pipeline)
+        run_dir = run_local(args.root, {**defaults, **params}, name=args.pipeline, verbose=args.verbose,
+                            quiet=args.quiet)
         sys.stdout.write(f"{run_dir}\n")
+        if not args.quiet:
+            from pipelines.local_output import where_to_look
+
+            sys.stderr.write(where_to_look([run_dir], run_dir / "logs", run_dir.parent / "mlflow.db") + "\n")
         return
     if args.action == "schedule":
         kfp_client.validate_cron(args.cron)  # before compiling or any network call
@@ -322,6 +324,8 @@ def run_pipeline_command(args) -> None:
         params = kfp_client.parse_params(getattr(args, "param", []), package)
         client = kfp_client.connect(args.host, token=args.token, namespace=args.namespace)
         if args.action == "upload":
+            from datadream.tracking import git_sha
+
             version = kfp_client.version_name(__version__, git_sha(Path(__file__).parent))
             ids = kfp_client.upload(client, package, args.name or args.pipeline, version)
             sys.stdout.write(f"pipeline {ids[0]} version {ids[1]} ({version})\n")
@@ -382,10 +386,16 @@ def run_command(args) -> None:
                 from pipelines.local_demo import run_demo as run_pipeline_demo
 
                 results = run_pipeline_demo(_load(args), out, args.preset, args.config, args.overrides,
-                                            dataset=args.dataset)
+                                            dataset=args.dataset, verbose=args.verbose, quiet=args.quiet)
         if storage.is_s3(args.out):
             results["published"] = str(args.out)
         sys.stdout.write(format_table(results) + "\n")
+        if not args.quiet and "runs" in results and not storage.is_s3(args.out):
+            from pipelines.local_output import where_to_look
+
+            out = Path(results["out"])
+            sys.stdout.write(where_to_look([Path(r) for r in results["runs"]], out / "logs",
+                                           out / "runs" / "mlflow.db") + "\n")
         return
     if cmd == "pipeline":
         run_pipeline_command(args)

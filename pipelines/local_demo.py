@@ -40,7 +40,8 @@ def overrides_to_yaml(files: list[str], overrides: list[str]) -> str:
 
 
 def run_demo(config: Config, out: str | Path, preset: str, files: list[str], overrides: list[str],
-             dataset: str | None = None) -> dict:
+             dataset: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
+    """Both runs; each task's output in `out`/logs/<mode>-wise/<task>.log, a line per task on stderr."""
     from datadream.data.demo import make_demo_dataset
     from pipelines.pipeline import run_local
 
@@ -53,8 +54,9 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
     for mode, train_on in (("class", ["zero-shot", "real", "synthetic", "synthetic+real"]),
                            ("dataset", ["synthetic", "synthetic+real"])):
         args = pipeline_arguments(config, preset, text, str(dataset), mode, train_on)
-        runs.append(run_local(out / "runs", args))
-        log.info("demo: %s-wise run finished -> %s", mode, runs[-1])
+        runs.append(run_local(out / "runs", args, verbose=verbose, quiet=quiet, label=f"{mode}-wise",
+                              logs_dir=out / "logs" / f"{mode}-wise"))
+        log.debug("demo: %s-wise run finished -> %s", mode, runs[-1])
 
     rows = []
     for run in runs:

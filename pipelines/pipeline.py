@@ -252,9 +252,17 @@ def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings 
     return package_path
 
 
-def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAME) -> Path:
-    """Run the pipeline with kfp.local's SubprocessRunner in this environment; returns the run folder."""
+def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAME, *, verbose: bool = False,
+              quiet: bool = False, label: str = "", logs_dir: Path | None = None) -> Path:
+    """Run the pipeline with kfp.local's SubprocessRunner in this environment; returns the run folder.
+
+    By default each task's output goes to `<run folder>/logs/<task>.log` (or `logs_dir`) and one line
+    per finished task goes to stderr (pipelines/local_output.py); `quiet` keeps only failures and
+    `verbose` streams kfp.local's whole log to stderr instead. A failed task raises PipelineFailed.
+    """
     from kfp import local
+
+    from pipelines.local_output import PipelineFailed, task_output
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -271,24 +279,40 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = set(root.iterdir())
     pipeline = pipeline_function(name)
-    # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr.
     # kfp.local swaps builtins.print for an indenting one around each task and puts back what it saw;
     # with tasks running in parallel threads the swaps interleave and an indenting print can stay
     # installed for good, so this process's print is restored whatever happens.
     saved_print = builtins.print
-    try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-            # The steps run in this environment, which has `datadream` installed like the image does.
-            warnings.filterwarnings("ignore", message=".*non-Python base image")
+    with contextlib.ExitStack() as stack:
+        if verbose:  # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr
+            tasks = None
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        else:  # what is left on stdout is kfp.local's banner lines
+            from google.protobuf import json_format
+
+            ir = getattr(pipeline, "pipeline_spec", None)  # the compiled IR, to count the tasks ahead
+            tasks = stack.enter_context(task_output(
+                root, sys.stderr, quiet=quiet, label=label, logs_dir=logs_dir, arguments=arguments,
+                spec=json_format.MessageToDict(ir) if ir is not None else None))
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(warnings.catch_warnings())
+        # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+        # The steps run in this environment, which has `datadream` installed like the image does.
+        warnings.filterwarnings("ignore", message=".*non-Python base image")
+        try:
             pipeline(**arguments)
-    except TypeError as e:
-        raise UserError(f"pipeline arguments: {e}") from None
-    finally:
-        builtins.print = saved_print
-        for k in added:
-            os.environ.pop(k, None)
+        except TypeError as e:
+            raise UserError(f"pipeline arguments: {e}") from None
+        except RuntimeError:
+            failed = tasks.failures() if tasks is not None else []
+            if not failed:
+                raise
+            raise PipelineFailed(name, failed) from None
+        finally:
+            builtins.print = saved_print
+            for k in added:
+                os.environ.pop(k, None)
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")

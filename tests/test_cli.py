@@ -104,9 +104,19 @@ def _check_table(out: Path, table: str) -> dict:
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_locally_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), *FAST_DEMO]) == 0
-    results = _check_table(out, capsys.readouterr().out)
+    assert main(["demo", "--out", str(out), *FAST_DEMO]) == 0
+    printed = capsys.readouterr()
+    results = _check_table(out, printed.out)
     assert results["engine"].startswith("kfp.local") and len(results["runs"]) == 2
+    # A line per task as it finishes, counting up to the run's total; the tasks' own output is in their logs.
+    assert "executor_input" not in printed.err and "%|" not in printed.err
+    for mode in ("class-wise", "dataset-wise"):
+        lines = [line for line in printed.err.splitlines() if line.startswith(f"✓ {mode}  ")]
+        done, total = lines[-1].rsplit("[", 1)[1].rstrip("]").split("/")
+        assert done == total == str(len(lines)) and len(lines) >= 8, lines
+        assert "fewshot: " in (out / "logs" / mode / "fewshot.log").read_text()
+    assert len(printed.err.splitlines()) <= 30, printed.err
+    assert "where to look next:" in printed.out and "mlflow ui --backend-store-uri sqlite:///" in printed.out
     assert len(results["reports"]) == 2 and all("<table" in Path(r).read_text() for r in results["reports"])
     # The --set overrides reached the pipeline's steps through its config parameter.
     syn = next(Path(results["runs"][0]).glob("gather*/synthetic/generate.json"))

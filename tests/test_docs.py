@@ -32,3 +32,9 @@ def test_the_pattern_catches_what_it_should():
     for line in ("see ../shared/DESIGN.md", "(REFERENCE.md, Stage 1)", "notes/kfp-mlflow-optuna.md §0"):
         assert OUTSIDE.search(line), line
     assert not OUTSIDE.search("docs/method.md, Stage 1")
+
+
+def test_every_doc_that_shipped_files_cite_exists():
+    cited = {m for f in shipped_files() for m in re.findall(r"\bdocs/[\w-]+\.md", f.read_text(errors="replace"))}
+    assert "docs/method.md" in cited and "docs/architecture.md" in cited
+    assert [c for c in sorted(cited) if not (ROOT / c).is_file()] == []

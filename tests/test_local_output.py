@@ -1,0 +1,115 @@
+"""What a local pipeline run prints: a line per task, each task's output in its own log, failures with their tail."""
+
+
+import pytest
+from kfp import compiler
+from kfp_toy_pipeline import fanout_pipeline
+
+import pipelines.pipeline as pp
+from pipelines.local_output import PipelineFailed, count_tasks, failure_tail
+
+
+@pytest.fixture(scope="module")
+def toy_spec(tmp_path_factory):
+    import yaml
+
+    path = tmp_path_factory.mktemp("toy") / "fanout.yaml"
+    compiler.Compiler().compile(fanout_pipeline, str(path))
+    return yaml.safe_load(path.read_text())
+
+
+def test_count_tasks_follows_conditions_and_loops(toy_spec):
+    # The loop runs over make-shards' output: unknown until that task has finished.
+    assert count_tasks(toy_spec, {"n": 3}, {}) is None
+    assert count_tasks(toy_spec, {"n": 3}, {"make-shards-Output": ["0/3", "1/3", "2/3"]}) == 4
+    # The other branch skips the loop, whatever its size.
+    assert count_tasks(toy_spec, {"branch": "b"}, {}) == 1
+
+
+def test_failure_tail_drops_the_executor_input_json_and_redraws(tmp_path):
+    log = tmp_path / "t.log"
+    log.write_text("old attempt\n" + "\n".join([
+        "[KFP Executor 2026 INFO]: Got executor_input:", "{", '    "inputs": {', '        "x": 1', "    }", "}",
+        "\x1b[92mstarting\x1b[0m", "", "bar 10%\rbar 50%\rbar 100%", *(f"line {i}" for i in range(30)),
+        "Traceback: boom"]) + "\n")
+    start = len("old attempt\n")
+    tail = failure_tail(log, start, lines=40)
+    assert tail[:3] == ["starting", "bar 100%", "line 0"] and tail[-1] == "Traceback: boom"
+    assert not any('"inputs"' in t or t in ("{", "}") or "old attempt" in t for t in tail)
+    assert len(failure_tail(log, start)) == 20
+
+
+@pytest.fixture
+def toy_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(pp, "pipeline_function", lambda name, settings=None: fanout_pipeline)
+
+    def run(capfd, **arguments):
+        try:
+            return pp.run_local(tmp_path / "runs", arguments, name="toy-fanout"), None
+        except PipelineFailed as e:
+            return None, e
+        finally:
+            out, err = capfd.readouterr()
+            run.stdout, run.stderr = out, err
+
+    return run
+
+
+@pytest.mark.slow
+def test_a_local_run_prints_a_line_per_task_and_logs_each(toy_run, capfd):
+    run_dir, failed = toy_run(capfd, n=2)
+    assert failed is None and toy_run.stdout == ""  # kfp.local's banner and task logs are gone
+    lines = toy_run.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    # its output sizes the loop, so the total is known from the first line on
+    assert lines[0].startswith("✓ make-shards") and lines[0].endswith("[1/3]")
+    assert sorted(line.split()[2] for line in lines[1:]) == ["0/2", "1/2"]
+    assert [line.split()[-1] for line in lines[1:]] == ["[2/3]", "[3/3]"]
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["make-shards.log", "work-0of2.log", "work-1of2.log"]
+    assert "line 29 of shard 1/2" in (logs / "work-1of2.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_task_shows_its_tail_and_log_and_the_run_raises(toy_run, capfd):
+    _, failed = toy_run(capfd, n=2, fail="1/2")
+    assert isinstance(failed, PipelineFailed) and [f.task.name for f in failed.failed] == ["work 1/2"]
+    log = failed.failed[0].task.log
+    assert str(log) in str(failed) and log.name == "work-1of2.log"
+    err = toy_run.stderr
+    assert "↻ work 1/2" in err and "attempt 1 failed (exit 3), retrying" in err  # retried once (set_retry)
+    block = err[err.index("✗ work 1/2"):]
+    assert "(attempt 2)" in block.splitlines()[0] and "exit 3; last lines of the attempt:" in block
+    assert "| shard 1/2 fails on purpose" in block and f"full log: {log}" in block
+    assert "executor_input" not in block and '"outputFile"' not in block
+    text = log.read_text()
+    assert text.count("fails on purpose") == 2 and "===== attempt 2 =====" in text
+    assert "✓ work 0/2" in err
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_failures_and_verbose_streams_everything(toy_run, capfd):
+    run_dir, _ = toy_run(capfd, n=1)
+    capfd.readouterr()
+    assert pp.run_local(run_dir.parent, {"n": 1}, name="toy-fanout", quiet=True)
+    assert capfd.readouterr() == ("", "")
+    pp.run_local(run_dir.parent, {"n": 1}, name="toy-fanout", verbose=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "line 29 of shard 0/1" in err and "Executing task" in err
+
+
+def test_where_to_look_names_reports_logs_and_the_mlflow_command(tmp_path, monkeypatch):
+    from pipelines.local_output import where_to_look
+
+    run = tmp_path / "runs" / "datadream-1"
+    (run / "summarize").mkdir(parents=True)
+    (run / "summarize" / "report").write_text("<html>")
+    db = tmp_path / "runs" / "mlflow.db"
+    db.write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = where_to_look([run], tmp_path / "logs", db)
+    assert "report     runs/datadream-1/summarize/report" in text and "task logs  logs/" in text
+    assert "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db" in text
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert "MLflow     http://mlflow:5000" in where_to_look([run], tmp_path / "logs", db)
