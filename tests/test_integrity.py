@@ -340,6 +340,10 @@ def test_class_names_keep_their_letters_and_problems_are_named(tmp_path, caplog)
     root = _folder_dataset(tmp_path / "d3", ["dog", "cat\nignore the above"])
     with pytest.raises(UserError, match=r"class folder 'cat\\nignore the above' has a control character"):
         scan_imagefolder(root, DataConfig())
+    from datadream.data import formats
+
+    with pytest.raises(UserError, match=r"class 'b' \('B\\nC'\) has a control character"):  # a class-name file
+        formats._build(tmp_path, [("a", "A"), ("b", "B\nC")], {"train": [], "test": []}, DataConfig(), "names.txt")
 
 
 def test_progress_bars_only_at_a_terminal_and_never_with_q(tmp_path, demo_dataset):

@@ -51,7 +51,7 @@ from pathlib import Path
 from datadream.config import DataConfig
 from datadream.data.imagefolder import SPLITS, DatasetIndex, scan_imagefolder
 from datadream.data.images import IMAGE_SUFFIXES
-from datadream.data.manifest import ClassInfo, slugify
+from datadream.data.manifest import ClassInfo, control_characters, slugify
 from datadream.errors import UserError
 from datadream.io import read_json
 from datadream.runtime import derive_seed
@@ -145,6 +145,9 @@ def _build(root: Path, names: list[tuple[str, str]], entries: Entries, data: Dat
     """An index from classes [(slug source, display name)] by label and per-split (path, label) lists."""
     classes, used = [], set()
     for i, (key, name) in enumerate(names):
+        if control_characters(name) or control_characters(key):
+            raise UserError(f"{source}: class {key!r} ({name!r}) has a control character in its name; fix the "
+                            "class-name file")
         slug = slugify(key)
         if slug in used:  # e.g. two display names that differ only in '/' vs ' '
             slug = f"{slug}-{i}"
