@@ -27,7 +27,6 @@ import base64
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -36,6 +35,8 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+
+from stages import device_info  # benchmarks/stages.py
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -51,16 +52,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_classifier(model: str, work: Path) -> Path:
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    machine = f"{cpu_model()}, {os.cpu_count()} CPUs, no GPU" if not torch.cuda.is_available() else "GPU present"
+    machine = f"{device_info()['device']}, {os.cpu_count()} CPUs" + ("" if torch.cuda.is_available() else ", no GPU")
     print(f"Classifier server on CPU ({machine}); the pod's command line, one uvicorn worker")
     print(f"{'model':8} {'cold start':>11} {'ms/img b1':>10} {'ms/img b32':>11} {'b1/b32':>7}")
     for r in results:

@@ -322,7 +322,10 @@ def apply(
             if kind == "Deployment":
                 applied = result
     previous = _served_version(old)
-    change = "created" if old is None else ("unchanged" if applied is old else "updated")
+    # The API server defaults fields we do not set, so compare generations, not templates: a patch that
+    # changed nothing after defaulting leaves the generation as it was.
+    change = ("created" if old is None else
+              "unchanged" if applied["metadata"].get("generation") == old["metadata"].get("generation") else "updated")
     log.info("deploy: %s/%s version %s %s; waiting for the rollout", namespace, name, version, change)
     failure = _wait(cluster, name, namespace, applied, start + timeout_s, poll_s)
     if failure is None:

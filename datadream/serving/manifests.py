@@ -107,6 +107,10 @@ def _labels(obj_name: str, s: ServingSettings) -> dict[str, str]:
             "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": "datadream", **s.extra_labels}
 
 
+def _metadata(obj_name: str, s: ServingSettings) -> dict:
+    return {"name": obj_name, "namespace": s.namespace, "labels": _labels(obj_name, s)}
+
+
 def _selector(obj_name: str) -> dict[str, str]:
     # Never the version: a Deployment's selector is immutable, and the Service must reach old and new pods.
     return {APP_LABEL: obj_name, "app.kubernetes.io/component": "classifier-server"}
@@ -197,7 +201,7 @@ def service(name: str, s: ServingSettings) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": obj, "namespace": s.namespace, "labels": _labels(obj, s)},
+        "metadata": _metadata(obj, s),
         "spec": {"type": "ClusterIP", "selector": _selector(obj),
                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
     }
@@ -208,7 +212,7 @@ def autoscaler(name: str, s: ServingSettings) -> dict:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": obj, "namespace": s.namespace, "labels": _labels(obj, s)},
+        "metadata": _metadata(obj, s),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": obj},
             "minReplicas": s.min_replicas,
@@ -224,7 +228,7 @@ def disruption_budget(name: str, s: ServingSettings) -> dict:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": obj, "namespace": s.namespace, "labels": _labels(obj, s)},
+        "metadata": _metadata(obj, s),
         # Node drains (autoscaler scale-down, upgrades) keep at least one server answering.
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(obj)}},
     }
