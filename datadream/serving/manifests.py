@@ -196,42 +196,29 @@ def deployment(name: str, version: str | int, s: ServingSettings) -> dict:
     }
 
 
+def _object(api_version: str, kind: str, name: str, s: ServingSettings, spec: dict) -> dict:
+    return {"apiVersion": api_version, "kind": kind, "metadata": _metadata(model_name(name), s), "spec": spec}
+
+
 def service(name: str, s: ServingSettings) -> dict:
-    obj = model_name(name)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(obj, s),
-        "spec": {"type": "ClusterIP", "selector": _selector(obj),
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
-    }
+    return _object("v1", "Service", name, s, {
+        "type": "ClusterIP", "selector": _selector(model_name(name)),
+        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]})
 
 
 def autoscaler(name: str, s: ServingSettings) -> dict:
-    obj = model_name(name)
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(obj, s),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": obj},
-            "minReplicas": s.min_replicas,
-            "maxReplicas": s.max_replicas,
-            "metrics": [{"type": "Resource", "resource": {
-                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": s.target_cpu_percent}}}],
-        },
-    }
+    return _object("autoscaling/v2", "HorizontalPodAutoscaler", name, s, {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": model_name(name)},
+        "minReplicas": s.min_replicas,
+        "maxReplicas": s.max_replicas,
+        "metrics": [{"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": s.target_cpu_percent}}}]})
 
 
 def disruption_budget(name: str, s: ServingSettings) -> dict:
-    obj = model_name(name)
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": _metadata(obj, s),
-        # Node drains (autoscaler scale-down, upgrades) keep at least one server answering.
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(obj)}},
-    }
+    # Node drains (autoscaler scale-down, upgrades) keep at least one server answering.
+    return _object("policy/v1", "PodDisruptionBudget", name, s, {
+        "maxUnavailable": 1, "selector": {"matchLabels": _selector(model_name(name))}})
 
 
 def validate_settings(s: ServingSettings) -> None:
