@@ -31,7 +31,8 @@ checkov: $(CHECKOV_VENV)/bin/checkov
 
 # Python 3.12: a non-editable install (the wheel, presets as package data) and the demo, from a folder
 # outside the repository so nothing can be read from the source tree.
-PY312 ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+# (a python3.12 that runs; a pyenv shim without the version selected does not)
+PY312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
 VENV312 ?= .venv-312
 $(VENV312)/bin/datadream: pyproject.toml
 	$(PY312) -m venv $(VENV312)

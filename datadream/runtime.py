@@ -1,20 +1,27 @@
-"""Device, precision and seeding shared by the training and generation stages."""
+"""Device, precision and seeding shared by the training and generation stages.
+
+torch is imported inside the functions that use it: `derive_seed` is also what the few-shot sampler
+and the dataset formats use, and a pipeline step that only samples should not pay torch's import.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from datadream.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(run: RunConfig) -> torch.device:
+    import torch
+
     if run.device == "cuda" and not torch.cuda.is_available():
         from datadream.errors import UserError
 
@@ -26,6 +33,8 @@ def resolve_device(run: RunConfig) -> torch.device:
 
 def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
     """The dtype to autocast to, or None for plain fp32 (always on CPU)."""
+    import torch
+
     if device.type != "cuda" or run.precision == "fp32":
         return None
     if run.precision == "fp16":
@@ -46,10 +55,15 @@ def derive_seed(*parts: object) -> int:
 
 
 def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    import torch
+
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
