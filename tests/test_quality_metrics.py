@@ -88,3 +88,9 @@ def test_precision_recall_match_a_loop_and_known_cases():
     assert p == 1.0 and r < 0.01
     with pytest.raises(ValueError, match="more than 3 rows"):
         quality.precision_recall(real[:3], fake)
+    # Chunked radii give the same answer; subsampling keeps a fixed, seeded share of each side.
+    assert quality._radii(big, 3, chunk=7) == pytest.approx(quality._radii(big, 3))
+    sub = quality.subsample(big, 100)
+    assert len(sub) == 100 and np.array_equal(sub, quality.subsample(big, 100)) and quality.subsample(big, 5000) is big
+    assert quality.precision_recall(big, blob, max_rows=400) == quality.precision_recall(
+        quality.subsample(big, 400), quality.subsample(blob, 400))
