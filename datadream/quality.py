@@ -92,6 +92,18 @@ def near_copies(synthetic: np.ndarray, real: np.ndarray, threshold: float) -> np
     return nearest(synthetic, real)[1] >= threshold
 
 
+def _moments(x: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample covariance (n − 1) in float64, a chunk of rows at a time, so a large float32 feature
+    set is never copied whole."""
+    x = np.asarray(x)
+    mu = x.mean(0, dtype=np.float64)
+    cov = np.zeros((x.shape[1], x.shape[1]))
+    for i in range(0, len(x), chunk):
+        c = x[i:i + chunk].astype(np.float64) - mu
+        cov += c.T @ c
+    return mu, cov / (len(x) - 1)
+
+
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((m + m.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -103,11 +115,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     Tr (Σa Σb)^½ is computed as Tr (Σa^½ Σb Σa^½)^½, the same eigenvalues, but a symmetric
     positive semi-definite matrix, so eigh is exact and stable (no complex parts to discard, unlike
     scipy.linalg.sqrtm of the non-symmetric product)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"Fréchet distance needs at least 2 rows on each side, got {len(a)} and {len(b)}")
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    (mu_a, sa), (mu_b, sb) = _moments(a), _moments(b)
+    mu = mu_a - mu_b
     ra = _psd_sqrt(sa)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(ra @ sb @ ra), 0, None)).sum()
     return float(max(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * cross, 0.0))

@@ -51,6 +51,9 @@ def test_frechet_distance_matches_sqrtm_and_the_closed_form():
     a, b = rng.normal(size=(50, 6)), rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6)) + 0.5
     assert quality.frechet_distance(a, b) == pytest.approx(_fd_reference(a, b), rel=1e-6)
     assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    mu, cov = quality._moments(b, chunk=7)  # chunked moments are numpy's
+    np.testing.assert_allclose(mu, b.mean(0))
+    np.testing.assert_allclose(cov, np.cov(b, rowvar=False))
     # Gaussians with known parameters: FD = |μa − μb|² + Σ (√σa − √σb)² for diagonal covariances.
     mu_a, mu_b = np.array([0.0, 1.0, -1.0]), np.array([2.0, 1.0, 0.0])
     var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([1.0, 1.0, 1.0])
