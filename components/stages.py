@@ -49,50 +49,21 @@ def fewshot(
         shard_list: shard names "I/N" for the fan-out, at most one per class.
         mlflow_run: id of the run's parent MLflow run, which every later step logs under ("" = untracked).
     """
-    import json
     from collections import namedtuple
-    from pathlib import Path
 
-    from datadream import tracking
-    from datadream.config import load_config
-    from datadream.io import sha256_json
-    from datadream.stages import fewshot as stage
+    from datadream import steps
 
-    cfg = load_config(preset, text=config, overrides=[
+    cfg = steps.resolve_config(preset, config, [
         f"fewshot.shots={shots}", f"fewshot.seed={seed}", f"adapt.mode={mode}",
         f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}", f"models.clip={clip_model}",
         f"models.clip_pretrained={clip_pretrained or 'null'}"])
-    parent = ""
-    if register_name:
-        tracking.check_tracking()  # fail fast: an unreachable tracking server is reported before any GPU work
-        parent = tracking.start_pipeline_run(
-            register_name, {"kfp.run_id": kfp_run_id, "git_sha": tracking.code_version(),
-                            "config_hash": sha256_json(cfg.to_dict()), "dataset": dataset, "mode": mode},
-            run_name=f"datadream-{kfp_run_id[:12]}" if kfp_run_id else None)
-        tracking.log_config(cfg, parent)
-    if dataset == "demo":
-        import tempfile
-
-        from datadream.data.demo import make_demo_dataset
-
-        dataset = make_demo_dataset(Path(tempfile.mkdtemp(prefix="datadream-demo-")) / "dataset", seed=0)
-    sections = {"fewshot": cfg.to_dict()["fewshot"], "data": cfg.to_dict()["data"]}
-    with tracking.tracked_stage(parent, "fewshot", sections, prefix=""):
-        out = stage.run(cfg, dataset, fewshot_set.path)
-        summary = json.loads((Path(out) / "fewshot.json").read_text())
-        data_hash = sha256_json(summary["manifest_sha256"])
-        if parent:
-            tracking.set_tags({"data_hash": data_hash})  # on the fewshot run; on the parent below
-            tracking.log_final_metrics({"classes": summary["classes"], "rejected": summary["rejected"]["total"]})
-            tracking.log_artifact_file(Path(out) / "fewshot.json")
-            tracking.log_artifact_file(Path(out) / "classes.json")
-    if parent:
-        tracking.set_tags({"data_hash": data_hash}, parent)
-    n = max(1, min(shards, summary["classes"]))
-    fewshot_set.metadata.update({"classes": summary["classes"], "shots": shots, "seed": seed,
-                                 "rejected": summary["rejected"]["total"]})
+    parent = steps.start_pipeline(cfg, register_name, kfp_run_id, dataset, mode) if register_name else ""
+    out = steps.fewshot(cfg, dataset, fewshot_set.path, steps.Tracking(parent, standalone=False))
+    n = max(1, min(shards, out.meta["classes"]))
+    fewshot_set.metadata.update({"classes": out.meta["classes"], "shots": shots, "seed": seed,
+                                 "rejected": out.meta["rejected"]["total"]})
     outputs = namedtuple("FewShotOutputs", ["data_hash", "shard_list", "mlflow_run"])
-    return outputs(data_hash, [f"{i}/{n}" for i in range(n)], parent)
+    return outputs(out.data_hash, [f"{i}/{n}" for i in range(n)], parent)
 
 
 def adapt(
@@ -119,19 +90,10 @@ def adapt(
         mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         adapters: diffusers-format LoRA weights per class (or one for the dataset) + adapter.json.
     """
-    from pathlib import Path
+    from datadream import steps
 
-    from datadream import tracking
-    from datadream.config import load_config
-    from datadream.stages import adapt as stage
-
-    cfg = load_config(preset, text=config, overrides=[f"adapt.mode={mode}", f"models.sd={sd_model}"])
-    name = f"adapt {shard}" if shard else "adapt"
-    with tracking.tracked_stage(mlflow_run, name, cfg.to_dict()["adapt"], prefix="adapt"):
-        stage.run(cfg, fewshot_set.path, adapters.path, shard=shard or None)
-        index = stage.read_index(adapters.path)
-        tracking.log_final_metrics({"adapters": len(set(index["classes"].values())), "classes": len(index["classes"])})
-        tracking.log_artifact_file(Path(adapters.path) / "adapter.json")
+    cfg = steps.resolve_config(preset, config, [f"adapt.mode={mode}", f"models.sd={sd_model}"])
+    steps.adapt(cfg, fewshot_set.path, adapters.path, shard, steps.Tracking(mlflow_run, standalone=False))
     adapters.metadata.update({"mode": mode, "shard": shard, "base_model": sd_model, "rank": cfg.adapt.rank,
                               "data_hash": data_hash})
 
@@ -160,27 +122,11 @@ def generate(
         mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         synthetic: the SyntheticSet of this shard: images + manifest.jsonl (prompt, seed, adapter).
     """
-    from pathlib import Path
+    from datadream import steps
 
-    from datadream import tracking
-    from datadream.config import load_config
-    from datadream.stages import generate as stage
-
-    cfg = load_config(preset, text=config,
-                      overrides=[f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}"])
-    name = f"generate {shard}" if shard else "generate"
-    with tracking.tracked_stage(mlflow_run, name, cfg.to_dict()["generate"], prefix="generate"):
-        stage.run(cfg, fewshot_set.path, adapters.path, synthetic.path, shard=shard or None)
-        if mlflow_run:
-            from datadream import quality
-            from datadream.report import sample_grid
-
-            tracking.log_artifact_file(Path(synthetic.path) / "generate.json")
-            tracking.log_image(sample_grid(synthetic.path, fewshot_dir=fewshot_set.path), "samples.png")
-            if report := quality.read_report(synthetic.path):  # this shard's classes; gather has all of them
-                tracking.log_final_metrics(quality.run_metrics(report))
-                tracking.log_table(quality.class_table(report), "quality_per_class.json")
-                tracking.log_artifact_file(Path(synthetic.path) / quality.REPORT)
+    cfg = steps.resolve_config(preset, config,
+                               [f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}"])
+    steps.generate(cfg, fewshot_set.path, adapters.path, synthetic.path, shard, steps.Tracking(mlflow_run, standalone=False))
     synthetic.metadata.update({"shard": shard, "images_per_class": images_per_class})
 
 
@@ -196,22 +142,11 @@ def gather(shards: Input[list[Dataset]], mlflow_run: str, synthetic: Output[Data
         quality: the synthetic set's overall quality (class agreement, CLIPScore, diversity, near copies,
             FD to the val split, precision and recall), shown in the UI.
     """
-    from pathlib import Path
+    from datadream import steps
 
-    from datadream import quality as q
-    from datadream import tracking
-    from datadream.stages import generate as stage
-
-    with tracking.tracked_stage(mlflow_run, "gather", {"shards": len(shards)}, prefix="gather"):
-        stage.merge([s.path for s in shards], synthetic.path)
-        report = q.read_report(synthetic.path)
-        if mlflow_run and report:
-            tracking.log_final_metrics(q.run_metrics(report))
-            tracking.log_table(q.class_table(report), "quality_per_class.json")
-            tracking.log_artifact_file(Path(synthetic.path) / q.REPORT)
-            tracking.log_final_metrics(q.parent_metrics(report), run_id=mlflow_run)
+    _, metrics = steps.gather([s.path for s in shards], synthetic.path, steps.Tracking(mlflow_run, standalone=False))
     synthetic.metadata["shards"] = len(shards)
-    for name, value in (q.run_metrics(report) if report else {}).items():
+    for name, value in metrics.items():
         quality.log_metric(name, value)
 
 
@@ -222,9 +157,9 @@ def gather_adapters(shards: Input[list[Model]], adapters: Output[Model]):
         shards: the adapt fan-out's outputs.
         adapters: every class's LoRA + one adapter.json index.
     """
-    from datadream.stages import adapt as stage
+    from datadream import steps
 
-    stage.merge([s.path for s in shards], adapters.path)
+    steps.gather_adapters([s.path for s in shards], adapters.path)
     adapters.metadata["shards"] = len(shards)
 
 
@@ -252,25 +187,12 @@ def classify(
         mlflow_run: the parent MLflow run from the fewshot step; "" = untracked.
         classifier: LoRA + class head as safetensors, classifier.json (classes, model, preprocessing).
     """
-    import json
-    from pathlib import Path
+    from datadream import steps
 
-    from datadream import tracking
-    from datadream.config import load_config
-    from datadream.stages import classify as stage
-
-    overrides = [f"models.clip={clip_model}", f"models.clip_pretrained={clip_pretrained or 'null'}"]
-    if train_on == "zero-shot":
-        overrides += ["classify.train_on=real", "classify.epochs=0"]
-    else:
-        overrides += [f"classify.train_on={train_on}"]
-    cfg = load_config(preset, text=config, overrides=overrides)
-    with tracking.tracked_stage(mlflow_run, f"classify {train_on}", cfg.to_dict()["classify"], prefix="classify"):
-        stage.run(cfg, fewshot_set.path, synthetic.path, classifier.path)
-        if mlflow_run:
-            clf = json.loads((Path(classifier.path) / "classifier.json").read_text())
-            tracking.log_final_metrics({"best_epoch": clf["best_epoch"], "best_val_top1": clf["best_val_top1"]})
-            tracking.log_artifact_file(Path(classifier.path) / "classifier.json")
+    cfg = steps.resolve_config(preset, config, [f"models.clip={clip_model}",
+                                                f"models.clip_pretrained={clip_pretrained or 'null'}"])
+    steps.classify(steps.classify_config(cfg, train_on), fewshot_set.path, synthetic.path, classifier.path,
+                   steps.Tracking(mlflow_run, standalone=False), name=f"classify {train_on}")
     classifier.metadata.update({"train_on": train_on, "clip_model": clip_model})
 
 
@@ -304,45 +226,18 @@ def evaluate(
         confusion: the confusion matrix, shown in the UI.
         report: results table, per-class accuracy and a sample grid per class.
     """
-    import json
-    import shutil
-    from pathlib import Path
+    from datadream import steps
+    from datadream.artifacts import Classifier
 
-    from datadream import tracking
-    from datadream.config import load_config
-    from datadream.data.manifest import read_classes
-    from datadream.io import atomic_write_json
-    from datadream.report import confusion_image, render_html, write_report
-    from datadream.stages import evaluate as stage
-
-    cfg = load_config(preset, text=config)
-    work = Path(scores.path)
-    with tracking.tracked_stage(mlflow_run, f"evaluate {train_on}", cfg.to_dict()["evaluate"], prefix="evaluate",
-                                tags={"train_on": train_on}):
-        result = stage.run(cfg, classifier.path, Path(fewshot_set.path) / "test.jsonl", work)
-        if mlflow_run:
-            names = {c.slug: c.name for c in read_classes(Path(fewshot_set.path) / "classes.json")}
-            tracking.log_final_metrics({f"test_{k}": result[k] for k in ("top1", "top5", "mean_per_class")})
-            tracking.log_table({"class": [names.get(c, c) for c in result["classes"]],
-                                "test_images": [result["per_class_n"][c] for c in result["classes"]],
-                                "accuracy": [result["per_class"][c] for c in result["classes"]]}, "per_class.json")
-            tracking.log_image(confusion_image([names.get(c, c) for c in result["classes"]], result["confusion"]),
-                               "confusion_matrix.png")
-            tracking.log_artifact_file(work / "metrics.json")
-            tracking.log_artifact_file(work / "confusion.csv")
-    setting = {"train_on": train_on, "mode": mode,
-               "label": train_on if train_on in ("zero-shot", "real") else f"{train_on} ({mode}-wise)"}
-    atomic_write_json(work / "setting.json", setting)
-    shutil.copyfile(Path(classifier.path) / "classifier.json", work / "classifier.json")
-    shutil.copytree(classifier.path, work / "classifier")  # LoRA + head: a few MB; register reads it here
+    cfg = steps.resolve_config(preset, config)
+    result = steps.evaluate(cfg, classifier.path, fewshot_set.path, scores.path, tracking=steps.Tracking(mlflow_run, standalone=False),
+                            name=f"evaluate {train_on}", tags={"train_on": train_on})
+    result.attach(Classifier.open(classifier.path), steps.setting_label(train_on, mode))
     for name in ("top1", "top5", "mean_per_class"):
-        metrics.log_metric(name, float(result[name]))
-    confusion.log_confusion_matrix(result["classes"], result["confusion"])
-    clf = json.loads((work / "classifier.json").read_text())
-    html = render_html(f"DataDream — {setting['label']}",
-                       [{"setting": setting["label"], "metrics": result, "classifier": clf}],
-                       synthetic_dir=synthetic.path, fewshot_dir=fewshot_set.path)
-    write_report(report.path, html)
+        metrics.log_metric(name, float(result.meta[name]))
+    confusion.log_confusion_matrix(result.meta["classes"], result.meta["confusion"])
+    steps.summarize([scores.path], synthetic.path, fewshot_set.path, report.path,
+                    title=f"DataDream — {result.setting()['label']}")
 
 
 def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_set: Input[Dataset],
@@ -356,26 +251,10 @@ def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_
         mlflow_run: the parent MLflow run; the report is logged to it as report.html ("" = untracked).
         report: results table, per-class accuracy, confusion matrix and sample grid.
     """
-    import json
-    from pathlib import Path
+    from datadream import steps
 
-    from datadream.report import render_html, write_report
-
-    results = []
-    for s in scores:
-        d = Path(s.path)
-        setting = json.loads((d / "setting.json").read_text())
-        results.append({"setting": setting["label"], "metrics": json.loads((d / "metrics.json").read_text()),
-                        "classifier": json.loads((d / "classifier.json").read_text())})
-    html = render_html("DataDream run", results, synthetic_dir=synthetic.path, fewshot_dir=fewshot_set.path)
-    write_report(report.path, html)
-    if mlflow_run:
-        from datadream import tracking
-
-        tracking.check_tracking()
-        tracking.log_text(html, "report.html", run_id=mlflow_run)  # the MLflow UI renders .html artifacts
-        tracking.log_json([{"setting": r["setting"], **{k: r["metrics"][k] for k in ("top1", "top5", "mean_per_class")}}
-                           for r in results], "results.json", run_id=mlflow_run)
+    steps.summarize([s.path for s in scores], synthetic.path, fewshot_set.path, report.path,
+                    steps.Tracking(mlflow_run, standalone=False))
 
 
 def register(
@@ -426,52 +305,24 @@ def register(
         classifier_version, adapters_version: the new registry versions ("" when skipped).
         decision: the gate's decision ("promoted", "rejected: …", or "skipped"), then the deploy's outcome.
     """
-    import json
     from collections import namedtuple
-    from pathlib import Path
 
-    from datadream import registry, tracking
+    from datadream import steps
 
-    outputs = namedtuple("RegisterOutputs", ["classifier_version", "adapters_version", "decision"])
-    if not register_name:
-        return outputs("", "", "skipped")
-    tracking.check_tracking()
-    results = []
-    for s in scores:
-        d = Path(s.path)
-        clf = json.loads((d / "classifier.json").read_text())
-        results.append((clf.get("best_val_top1") or 0.0, d, clf))
-    best_val, best, clf = max(results, key=lambda r: r[0])  # chosen on val, never on test
-    metrics = json.loads((best / "metrics.json").read_text())
-    setting = json.loads((best / "setting.json").read_text())
-    sha = tracking.code_version()
-    summary = json.loads((Path(fewshot_set.path) / "fewshot.json").read_text())
-    lineage = {"dataset": dataset, "data_hash": data_hash, "manifest_sha256": summary["manifest_sha256"]["train"],
-               "shots": shots, "seed": seed, "mode": mode, "sd_model": sd_model, "clip_model": clip_model,
-               "clip_pretrained": clip_pretrained, "train_on": setting["train_on"], "val_top1": best_val,
-               "git_sha": sha, "kfp_run_id": kfp_run_id}
-    # One MLflow run per pipeline run (opened by fewshot; found again by kfp.run_id otherwise);
-    # registration is its "register" stage, so the models' artifacts sit under the experiment.
-    parent = mlflow_run or tracking.start_pipeline_run(
-        register_name, {"kfp.run_id": kfp_run_id, "git_sha": sha, "data_hash": data_hash})
-    lineage["mlflow_run_id"] = parent
-    with tracking.stage_run(parent, "register", {"name": register_name, "margin": promote_margin,
-                                                 "floor": promote_floor}):
-        tracking.log_final_metrics({f"test_{k}": metrics[k] for k in ("top1", "top5", "mean_per_class")})
-        tracking.log_artifact_file(best / "metrics.json", "evaluation")
-        adapters_version = registry.register_adapters(register_name, adapters.path, lineage)
-        version = registry.register_classifier(register_name, best / "classifier", metrics,
-                                               {**lineage, "adapter_version": adapters_version})
-        gate = registry.promote_if_better(register_name, version, margin=promote_margin, floor=promote_floor)
-    tracking.finish_pipeline_run(parent)
-    decision = f"{gate['decision']}: {gate['reason']}"
-    if deploy:
+    lineage = {"dataset": dataset, "data_hash": data_hash, "shots": shots, "seed": seed, "mode": mode,
+               "sd_model": sd_model, "clip_model": clip_model, "clip_pretrained": clip_pretrained,
+               "kfp_run_id": kfp_run_id}
+    r = steps.register(register_name, fewshot_set.path, adapters.path, [s.path for s in scores], lineage,
+                       promote_margin, promote_floor, parent=mlflow_run)
+    decision = r.decision
+    if deploy and r.gate:
         from datadream.serving.deploy import deploy_after_gate
         from datadream.serving.manifests import ServingSettings
 
         settings = ServingSettings(namespace=serving_namespace, image=serving_image or None)
-        decision += f"; {deploy_after_gate(register_name, gate, settings=settings)}"
-    return outputs(version, adapters_version, decision)
+        decision += f"; {deploy_after_gate(register_name, r.gate, settings=settings)}"
+    outputs = namedtuple("RegisterOutputs", ["classifier_version", "adapters_version", "decision"])
+    return outputs(r.classifier_version, r.adapters_version, decision)
 
 
 def tune_prepare(

@@ -412,42 +412,33 @@ def run_command(args) -> None:
         return
     # Every folder argument may be s3://bucket/prefix: inputs are mirrored into the cache (ETag-checked),
     # outputs are built in a local staging folder and published with their marker file last.
-    from datadream import storage
+    from datadream import artifacts, steps, storage
 
     if cmd == "fewshot":
-        from datadream.stages import fewshot
-
         extra = [f"fewshot.shots={args.shots}"] if args.shots is not None else []
         extra += [f"fewshot.seed={args.seed}"] if args.seed is not None else []
         extra += [f"data.format={args.dataset_format}"] if args.dataset_format is not None else []
-        with storage.output_dir(args.out, marker=fewshot.MARKER) as out:
-            fewshot.run(_load(args, extra), args.dataset, out)
+        with storage.output_dir(args.out, marker=artifacts.FEWSHOT_MARKER) as out:
+            steps.fewshot(_load(args, extra), args.dataset, out, steps.Tracking())
     elif cmd == "adapt":
-        from datadream.stages import adapt
-
         config = _load(args, [f"adapt.mode={args.mode}"] if args.mode else [])
-        with storage.output_dir(args.out, marker=adapt.MARKER) as out:
-            adapt.run(config, storage.localize(args.fewshot), out, args.shard)
+        with storage.output_dir(args.out, marker=artifacts.ADAPTERS_MARKER) as out:
+            steps.adapt(config, storage.localize(args.fewshot), out, args.shard, steps.Tracking())
     elif cmd == "generate":
-        from datadream.stages import generate
-
-        with storage.output_dir(args.out, marker=generate.MARKER) as out:
-            generate.run(_load(args), storage.localize(args.fewshot), storage.localize(args.adapters), out, args.shard)
+        with storage.output_dir(args.out, marker=artifacts.SYNTHETIC_MARKER) as out:
+            steps.generate(_load(args), storage.localize(args.fewshot), storage.localize(args.adapters), out,
+                           args.shard, steps.Tracking())
     elif cmd == "classify":
-        from datadream.stages import classify
-
         config = _load(args, [f"classify.train_on={args.train_on}"] if args.train_on else [])
         synthetic = storage.localize(args.synthetic) if args.synthetic else None
-        with storage.output_dir(args.out, marker=classify.MARKER) as out:
-            classify.run(config, storage.localize(args.fewshot), synthetic, out)
+        with storage.output_dir(args.out, marker=artifacts.CLASSIFIER_MARKER) as out:
+            steps.classify(config, storage.localize(args.fewshot), synthetic, out, steps.Tracking())
     elif cmd == "evaluate":
         import json
 
-        from datadream.stages import evaluate
-
-        manifest = storage.localize(args.fewshot) / f"{args.split}.jsonl"
-        with storage.output_dir(args.out, marker=evaluate.METRICS) as out:
-            metrics = evaluate.run(_load(args), storage.localize(args.classifier), manifest, out)
+        with storage.output_dir(args.out, marker=artifacts.METRICS_MARKER) as out:
+            metrics = steps.evaluate(_load(args), storage.localize(args.classifier), storage.localize(args.fewshot),
+                                     out, args.split, steps.Tracking(), name=f"evaluate {args.split}").meta
         sys.stdout.write(json.dumps({k: metrics[k] for k in ("top1", "top5", "n")}) + "\n")
     log.info("%s: done -> %s", cmd, args.out)
 

@@ -91,9 +91,9 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
+        from datadream.artifacts import CLASSIFIER_MARKER as MARKER
         from datadream.config import ModelsConfig
         from datadream.io import read_json
-        from datadream.stages.classify import MARKER
         from datadream.stages.evaluate import load_classifier
 
         folder = context.artifacts[CLASSIFIER_ARTIFACT]

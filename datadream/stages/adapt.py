@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datadream import tracking
+from datadream.artifacts import ADAPTERS_MARKER as MARKER
+from datadream.artifacts import Adapters
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import Config
 from datadream.data.images import load_rgb
@@ -48,7 +50,6 @@ from datadream.io import (
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
 
 log = logging.getLogger(__name__)
-MARKER = "adapter.json"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 DATASET_UNIT = "dataset"
 LOG_EVERY = 25  # steps between reads of the loss from the device (MLflow still gets every step)
@@ -189,7 +190,7 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
     offset = 0
     with tracking.StepMetrics() as metrics:
         for unit in tqdm(units, desc="adapt", unit="adapter"):
-            if (out / unit.name / "adapter.json").exists():
+            if (out / unit.name / MARKER).exists():
                 log.info("adapt: %s already trained; skipping", unit.name)
             else:
                 with attention_context(config.run, device):
@@ -381,7 +382,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             text_encoder_lora_layers=te_layers, weight_name=WEIGHTS, safe_serialization=True,
         )
-        atomic_write_json(tmp / "adapter.json", {
+        atomic_write_json(tmp / MARKER, {
             "base_model": config.models.sd, "base_revision": config.models.sd_revision,
             "rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "steps": steps, "batch_size": cfg.batch_size,
             "resolution": cfg.resolution, "train_text_encoder": cfg.train_text_encoder, "seed": seed,
@@ -399,10 +400,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
 
 def read_index(adapters_dir: str | os.PathLike) -> dict:
     """The adapter index of a finished `adapt` output; UserError if the folder is incomplete."""
-    adapters_dir = Path(adapters_dir)
-    if not (adapters_dir / MARKER).exists():
-        raise UserError(f"--adapters {adapters_dir}: no {MARKER} (not a finished adapt output)")
-    return read_json(adapters_dir / MARKER)
+    return Adapters.open(adapters_dir).index
 
 
 def verify_adapters(adapters_dir: str | os.PathLike, index: dict, units: set[str]) -> None:

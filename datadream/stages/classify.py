@@ -40,6 +40,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from datadream import tracking
+from datadream.artifacts import CLASSIFIER_MARKER as MARKER
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
 from datadream.data import augment as aug
@@ -71,7 +72,6 @@ from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_de
 
 log = logging.getLogger(__name__)
 
-MARKER = "classifier.json"
 LORA_FILE = "lora.safetensors"
 HEAD_FILE = "head.safetensors"
 CHECKPOINTS = "checkpoints"

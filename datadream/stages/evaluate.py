@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from datadream.artifacts import CLASSIFIER_MARKER as MARKER
+from datadream.artifacts import CONFUSION_FILE as CONFUSION
+from datadream.artifacts import METRICS_MARKER as METRICS
 from datadream.config import ClassifyConfig, Config, ModelsConfig, RunConfig
 from datadream.data.images import RejectionCounts
 from datadream.data.manifest import ClassInfo, read_manifest
@@ -40,7 +43,6 @@ from datadream.runtime import autocast_dtype, resolve_device
 from datadream.stages.classify import (
     HEAD_FILE,
     LORA_FILE,
-    MARKER,
     ImageDataset,
     autocast_ctx,
     collate,
@@ -50,8 +52,6 @@ from datadream.stages.classify import (
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-CONFUSION = "confusion.csv"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from datadream import storage
+from datadream.artifacts import FEWSHOT_MARKER as MARKER
 from datadream.config import Config
 from datadream.data import formats
 from datadream.data.imagefolder import DatasetIndex
@@ -40,7 +41,6 @@ from datadream.io import (
 from datadream.runtime import derive_seed
 
 log = logging.getLogger(__name__)
-MARKER = "fewshot.json"
 
 
 def _check(path: Path, max_pixels: int) -> tuple[Path, str | None, ImageRejected | None]:

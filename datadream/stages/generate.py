@@ -34,6 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from datadream import tracking
+from datadream.artifacts import SYNTHETIC_MARKER as MARKER
+from datadream.artifacts import Adapters
 from datadream.config import Config
 from datadream.data.manifest import Record, read_classes, read_manifest, select_classes, write_classes, write_manifest
 from datadream.errors import UserError
@@ -48,10 +50,9 @@ from datadream.io import (
     writes_output,
 )
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
-from datadream.stages.adapt import read_index, verify_adapters
+from datadream.stages.adapt import verify_adapters
 
 log = logging.getLogger(__name__)
-MARKER = "generate.json"
 
 
 def image_seed(seed: int, slug: str, index: int) -> int:
@@ -79,7 +80,7 @@ def run(
     cfg, seed = config.generate, config.run.seed
     fewshot_dir, adapters_dir, out = Path(fewshot_dir), Path(adapters_dir), Path(out)
     classes = select_classes(read_classes(fewshot_dir / "classes.json"), shard)
-    index = read_index(adapters_dir)
+    index = Adapters.open(adapters_dir).index
     missing = [c.slug for c in classes if c.slug not in index["classes"]]
     if missing:
         raise UserError(f"--adapters {adapters_dir}: no adapter for class(es) {missing}")

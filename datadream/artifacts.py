@@ -1,0 +1,169 @@
+"""The artifact contracts as code: each pipeline artifact is a folder with a marker file written last.
+
+    FewShotSet    fewshot.json    classes.json, train/val/test manifests, the shots themselves
+    Adapters      adapter.json    diffusers LoRA weights per class (or one for the dataset) + the index
+    SyntheticSet  generate.json   images + manifest.jsonl (class, prompt, seed, adapter)
+    Classifier    classifier.json CLIP LoRA + class head (safetensors), classes, model, preprocessing
+    Metrics       metrics.json    top-1, top-5, per-class accuracy, confusion matrix (+ confusion.csv);
+                                  in a pipeline also setting.json and a copy of the classifier
+
+Nothing else in the package names these files: the stages write them through the constants here, and
+the steps, the registry and the entry points read them through these classes. A folder without its
+marker is unfinished, and opening it is a `UserError` naming the folder.
+
+Layer: this module sits with `data` (it needs only io, errors and the manifest types), below the
+stages, so that the stages that write an artifact and the steps that read it share one definition.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from datadream.data.manifest import ClassInfo, read_classes
+from datadream.errors import UserError
+from datadream.io import atomic_write_json, read_json, sha256_json
+
+FEWSHOT_MARKER = "fewshot.json"
+ADAPTERS_MARKER = "adapter.json"  # also the per-adapter metadata file inside each adapter folder
+SYNTHETIC_MARKER = "generate.json"
+CLASSIFIER_MARKER = "classifier.json"
+METRICS_MARKER = "metrics.json"
+
+CLASSES_FILE = "classes.json"
+SYNTHETIC_MANIFEST = "manifest.jsonl"
+CONFUSION_FILE = "confusion.csv"
+SETTING_FILE = "setting.json"
+CLASSIFIER_COPY = "classifier"  # the classifier folder inside a pipeline's Metrics (register reads it)
+SPLITS = ("train", "val", "test")
+
+
+def split_manifest(folder: str | os.PathLike, split: str) -> Path:
+    """`<folder>/<split>.jsonl`, the manifest of one split of a FewShotSet."""
+    if split not in SPLITS:
+        raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    return Path(folder) / f"{split}.jsonl"
+
+
+@dataclass(frozen=True)
+class _Artifact:
+    """A finished artifact folder; `open` checks its marker, the constructor does not."""
+
+    path: Path
+    MARKER: ClassVar[str]
+    WHAT: ClassVar[str]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike):
+        folder = Path(path)
+        if not (folder / cls.MARKER).is_file():
+            raise UserError(f"{folder}: no {cls.MARKER} (not a finished {cls.WHAT} output)")
+        return cls(folder)
+
+    @property
+    def marker(self) -> Path:
+        return self.path / self.MARKER
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """The marker file's content."""
+        return read_json(self.marker)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class FewShotSet(_Artifact):
+    MARKER: ClassVar[str] = FEWSHOT_MARKER
+    WHAT: ClassVar[str] = "fewshot"
+
+    @property
+    def classes_file(self) -> Path:
+        return self.path / CLASSES_FILE
+
+    def classes(self) -> list[ClassInfo]:
+        return read_classes(self.classes_file)
+
+    def names(self) -> dict[str, str]:
+        """Class slug -> display name."""
+        return {c.slug: c.name for c in self.classes()}
+
+    def manifest(self, split: str) -> Path:
+        return split_manifest(self.path, split)
+
+    @property
+    def data_hash(self) -> str:
+        """sha256 of the three manifests' hashes: downstream steps key their caches on content."""
+        return sha256_json(self.meta["manifest_sha256"])
+
+
+@dataclass(frozen=True)
+class Adapters(_Artifact):
+    MARKER: ClassVar[str] = ADAPTERS_MARKER
+    WHAT: ClassVar[str] = "adapt"
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """The adapter index: mode, classes (slug -> adapter folder), prompts, weight_name, fingerprint."""
+        return self.meta
+
+    def units(self) -> set[str]:
+        return set(self.index["classes"].values())
+
+
+@dataclass(frozen=True)
+class SyntheticSet(_Artifact):
+    MARKER: ClassVar[str] = SYNTHETIC_MARKER
+    WHAT: ClassVar[str] = "generate"
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / SYNTHETIC_MANIFEST
+
+
+@dataclass(frozen=True)
+class Classifier(_Artifact):
+    MARKER: ClassVar[str] = CLASSIFIER_MARKER
+    WHAT: ClassVar[str] = "classify"
+
+    @property
+    def best_val_top1(self) -> float | None:
+        return self.meta.get("best_val_top1")
+
+    def val_history(self) -> list[float | None]:
+        return [h.get("val_top1") for h in self.meta.get("history", [])]
+
+
+@dataclass(frozen=True)
+class Metrics(_Artifact):
+    MARKER: ClassVar[str] = METRICS_MARKER
+    WHAT: ClassVar[str] = "evaluate"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.path / CONFUSION_FILE
+
+    def setting(self) -> dict[str, str]:
+        """The pipeline's label of the classifier scored here: train_on, mode, label."""
+        return read_json(self.path / SETTING_FILE)
+
+    @property
+    def classifier(self) -> Classifier:
+        """The classifier these metrics score, copied beside them by the pipeline's evaluate step."""
+        return Classifier.open(self.path / CLASSIFIER_COPY)
+
+    def attach(self, classifier: Classifier, setting: dict[str, str]) -> None:
+        """Keep the scored classifier (a few MB: LoRA + head) and its label beside the metrics."""
+        copy = self.path / CLASSIFIER_COPY
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(classifier.path, copy)
+        atomic_write_json(self.path / SETTING_FILE, setting)

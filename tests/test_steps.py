@@ -1,0 +1,54 @@
+"""The steps layer: every entry point runs the same step, tracked the same way."""
+
+import json
+
+import pytest
+
+from datadream import artifacts, steps
+from datadream.cli import main
+from datadream.errors import UserError
+
+
+def test_artifacts_open_only_finished_folders(tmp_path, fewshot_set):
+    fs = artifacts.FewShotSet.open(fewshot_set)
+    assert fs.meta["classes"] == len(fs.classes()) and fs.manifest("test").is_file()
+    assert len(fs.data_hash) == 64
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="no classifier.json .not a finished classify output"):
+        artifacts.Classifier.open(tmp_path / "half")
+    with pytest.raises(UserError, match="split 'dev'"):
+        fs.manifest("dev")
+
+
+def test_untracked_steps_import_no_mlflow(tmp_path, monkeypatch):
+    # Without a tracking URI or a parent run a step is untracked, and opens no run anywhere.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking = steps.Tracking()
+    assert not tracking.enabled
+    with tracking.step("x", {"a": 1}) as run:
+        assert not run
+        run.metrics({"m": 1.0})  # a no-op
+
+
+@pytest.mark.slow
+def test_cli_classify_logs_its_run_when_a_tracking_uri_is_set(tmp_path, monkeypatch, capsys, fewshot_set, mlflow_sqlite):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cli-steps")
+    out = tmp_path / "clf"
+    assert main(["-q", "classify", "--preset", "tiny", "--fewshot", str(fewshot_set), "--train-on", "real",
+                 "--set", "classify.epochs=2", "--out", str(out)]) == 0
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cli-steps")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["datadream.stage"] == "classify real"
+    assert run.data.params["classify.epochs"] == "2" and run.data.params["classify.train_on"] == "real"
+    history = client.get_metric_history(run.info.run_id, "val_top1")
+    clf = json.loads((out / "classifier.json").read_text())
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {m.step: m.value for m in history} == {h["epoch"]: h["val_top1"] for h in clf["history"]}
+    assert run.data.metrics["best_val_top1"] == clf["best_val_top1"]
+    assert "classifier.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
