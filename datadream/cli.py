@@ -240,14 +240,6 @@ def _pipeline_parser(sub) -> None:
     a.add_argument("--name", default="datadream-weekly", help="name of the recurring run")
 
 
-LOCAL_DEFAULTS = {"dataset": "demo", "preset": "tiny", "shots": 4, "images_per_class": 12, "sd_model": "tiny",
-                  "clip_model": "tiny", "clip_pretrained": "", "train_on": ["synthetic", "synthetic+real"]}
-
-
-# A campaign on one machine: a few trials on two kfp.local worker processes, then a run with the best.
-LOCAL_TUNE_DEFAULTS = {"trials": 4, "workers": 2, "train_on": ["synthetic+real"]}
-
-
 def _cluster_settings(args):
     from pipelines.pipeline import ClusterSettings
 
@@ -287,6 +279,7 @@ def run_pipeline_command(args) -> None:
     import tempfile
 
     from pipelines import client as kfp_client
+    from pipelines import parameters
     from pipelines.pipeline import compile_pipeline, run_local
 
     if args.action == "compile":
@@ -308,7 +301,7 @@ def run_pipeline_command(args) -> None:
     if args.action == "run":
         with tempfile.TemporaryDirectory() as tmp:
             params = kfp_client.parse_params(args.param, compile_pipeline(Path(tmp) / "p.yaml", name=args.pipeline))
-        defaults = LOCAL_DEFAULTS if args.pipeline == "datadream" else {**LOCAL_DEFAULTS, **LOCAL_TUNE_DEFAULTS}
+        defaults = parameters.local_defaults(args.pipeline)
         run_dir = run_local(args.root, {**defaults, **params}, name=args.pipeline, verbose=args.verbose,
                             quiet=args.quiet)
         sys.stdout.write(f"{run_dir}\n")

@@ -17,117 +17,17 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datadream.errors import UserError
+from pipelines import parameters as params_
+from pipelines.cluster import ClusterSettings, on_cpu, on_gpu
 
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "datadream"
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """How tasks are placed on the cluster; set at compile time (infra/terraform must agree)."""
-
-    image: str | None = None  # None = components.image_reference()
-    gpu_node_selector: tuple[str, str] = ("datadream.io/node-pool", "gpu")
-    gpu_toleration: tuple[str, str] = ("nvidia.com/gpu", "NoSchedule")  # key, effect (operator Exists)
-    gpu_cpu: str = "8"
-    gpu_memory: str = "48Gi"
-    shm_size: str = "16Gi"
-    cpu_cpu: str = "2"
-    cpu_memory: str = "8Gi"
-    retries: int = 2
-    # Where KFP writes the steps' artifacts, e.g. s3://bucket/pipeline-root; None = the cluster's default
-    # (the kfp-launcher ConfigMap's defaultPipelineRoot).
-    pipeline_root: str | None = None
-    # Settings reach the tasks from the cluster, never as pipeline parameters (secrets least of all).
-    config_map: str = "datadream-config"
-    config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                                        "DATADREAM_CACHE", "HF_HOME")
-    secret: str = "datadream-secrets"
-    # Where the register step serves a champion it promoted, with `deploy` on (infra/terraform/modules/serving).
-    serving_namespace: str = "datadream-serving"
-    secret_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
-                                    "OPTUNA_STORAGE")
-    extra: dict = field(default_factory=dict)
-
-
-def _common(task, s: ClusterSettings):
-    from kfp import kubernetes as k8s
-
-    k8s.use_config_map_as_env(task, s.config_map, {k: k for k in s.config_map_keys}, optional=True)
-    k8s.use_secret_as_env(task, s.secret, {k: k for k in s.secret_keys}, optional=True)
-    return task
-
-
-def on_cpu(task, s: ClusterSettings):
-    task.set_cpu_request(s.cpu_cpu).set_memory_request(s.cpu_memory)
-    task.set_retry(num_retries=s.retries, backoff_duration="30s", backoff_factor=2.0)
-    return _common(task, s)
-
-
-def on_gpu(task, s: ClusterSettings):
-    """One NVIDIA GPU on the GPU node group; /dev/shm in memory for DataLoader workers; retries."""
-    from kfp import kubernetes as k8s
-
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    task.set_cpu_request(s.gpu_cpu).set_memory_request(s.gpu_memory)
-    task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
-    k8s.add_node_selector(task, *s.gpu_node_selector)
-    k8s.add_toleration(task, key=s.gpu_toleration[0], operator="Exists", effect=s.gpu_toleration[1])
-    k8s.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=s.shm_size)
-    return _common(task, s)
-
-
-# What the Kubeflow UI shows beside each pipeline parameter (KFP reads the pipeline function's "Args:"
-# docstring into the compiled IR's inputDefinitions.parameters.<name>.description; `described` writes it).
-PARAMETER_HELP = {
-    "dataset": 'Labelled dataset: an ImageFolder path or s3:// URI (DATA/<class>/<image> or '
-               'DATA/{train,val,test}/<class>/<image>); "demo" = the procedural demo dataset.',
-    "shots": "Real images per class (k) sampled for adaptation and training, e.g. 16.",
-    "seed": "Seed of the few-shot sampling, adaptation, generation and training.",
-    "mode": '"class": one Stable Diffusion LoRA adapter per class (DataDream_cls); '
-            '"dataset": one adapter for all classes (DataDream_dset).',
-    "images_per_class": "Synthetic images generated per class (the paper: 500).",
-    "train_on": 'Classifiers to train and evaluate, a JSON list of "synthetic", "synthetic+real", "real" '
-                '(few-shot baseline) and "zero-shot" (no training), e.g. ["synthetic","synthetic+real"].',
-    "gpus": "GPUs to use at once: the number of class shards adaptation and generation fan out over.",
-    "sd_model": "Stable Diffusion model: Hugging Face id, folder or s3:// URI "
-                "(stabilityai/stable-diffusion-2-1-base), or tiny.",
-    "clip_model": "CLIP architecture: an open_clip model name (ViT-B-16), local-dir:FOLDER, or tiny.",
-    "clip_pretrained": 'open_clip pretrained tag (openai) or a safetensors weights file; "" = none.',
-    "preset": '"paper" (the paper\'s settings, docs/method.md) or "tiny" (random-init models for a CPU smoke run).',
-    "config": "YAML layered on the preset: any setting, e.g. 'classify: {epochs: 30}' "
-              "(datadream tune best writes one).",
-    "register_name": "MLflow experiment and registry prefix (<name>-classifier, <name>-sd-lora); "
-                     '"" = no tracking, no registration.',
-    "promote_margin": "The gate: a new classifier becomes champion only if its test top-1 beats the "
-                      "champion's by more than this.",
-    "promote_floor": "The gate: the least test top-1 a champion must have.",
-    "deploy": "When the gate promotes, serve the new champion on the cluster (datadream registry deploy); "
-              "if the rollout fails, the champion moves back.",
-}
-
-
-def described(extra: dict[str, str] | None = None):
-    """A decorator giving a pipeline function an "Args:" docstring that describes each of its
-    parameters from PARAMETER_HELP and `extra` (KeyError if one is missing); KFP turns it into the
-    parameter descriptions the Kubeflow UI shows."""
-    import inspect
-
-    helps = {**PARAMETER_HELP, **(extra or {})}
-
-    def decorate(fn):
-        if not fn.__doc__:
-            raise ValueError(f"{fn.__name__}: give it a one-line docstring; the Args: section follows it")
-        lines = [f"    {name}: {helps[name]}" for name in inspect.signature(fn).parameters]
-        fn.__doc__ = "\n".join([fn.__doc__.strip(), "", "Args:", *lines])
-        return fn
-
-    return decorate
+DESCRIPTION = ("DataDream: LoRA-adapt Stable Diffusion to k shots per class, synthesize a training set, "
+               "train a CLIP LoRA classifier on it and evaluate it on the real test split.")
 
 
 def build_pipeline(settings: ClusterSettings | None = None):
@@ -163,40 +63,13 @@ def build_pipeline(settings: ClusterSettings | None = None):
             serving_image=image, serving_namespace=s.serving_namespace), s)
         reg.set_caching_options(False)  # a side effect in the registry: never replayed from cache
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        pipeline_root=s.pipeline_root,
-        description="DataDream: LoRA-adapt Stable Diffusion to k shots per class, synthesize a training set, "
-        "train a CLIP LoRA classifier on it and evaluate it on the real test split.",
-    )
-    @described()
-    def datadream(
-        dataset: str = "demo",
-        shots: int = 16,
-        seed: int = 1,
-        mode: str = "class",
-        images_per_class: int = 500,
-        train_on: list = ["synthetic"],  # noqa: B006 - a KFP parameter default, never mutated
-        gpus: int = 1,
-        sd_model: str = "stabilityai/stable-diffusion-2-1-base",
-        clip_model: str = "ViT-B-16",
-        clip_pretrained: str = "openai",
-        preset: str = "paper",
-        config: str = "",
-        register_name: str = "datadream",
-        promote_margin: float = 0.0,
-        promote_floor: float = 0.0,
-        deploy: bool = False,
-    ):
-        """One DataDream run: few-shot set, SD adapters, synthetic images, classifiers, registration."""
-        p = dict(dataset=dataset, shots=shots, seed=seed, train_on=train_on, sd_model=sd_model,
-                 clip_model=clip_model, clip_pretrained=clip_pretrained, preset=preset, config=config,
-                 register_name=register_name, promote_margin=promote_margin, promote_floor=promote_floor,
-                 deploy=deploy)
-        fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=gpus, mode=mode,
-                                images_per_class=images_per_class, sd_model=sd_model, clip_model=clip_model,
-                                clip_pretrained=clip_pretrained,
-                                register_name=register_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    def datadream(**p):
+        dataset, shots, seed, mode = p["dataset"], p["shots"], p["seed"], p["mode"]
+        images_per_class, sd_model, preset, config = p["images_per_class"], p["sd_model"], p["preset"], p["config"]
+        fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=p["gpus"], mode=mode,
+                                images_per_class=images_per_class, sd_model=sd_model, clip_model=p["clip_model"],
+                                clip_pretrained=p["clip_pretrained"],
+                                register_name=p["register_name"], kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                 preset=preset, config=config), s)
         fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
         fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
@@ -223,7 +96,8 @@ def build_pipeline(settings: ClusterSettings | None = None):
             syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
             tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
 
-    return datadream
+    return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=s.pipeline_root, description=DESCRIPTION)(
+        params_.pipeline_function(PIPELINE_NAME, params_.RUN, datadream, DESCRIPTION))
 
 
 PIPELINES = ("datadream", "datadream-tune")
@@ -236,7 +110,7 @@ def pipeline_function(name: str = PIPELINE_NAME, settings: ClusterSettings | Non
     if name == "datadream-tune":
         from pipelines.tune_pipeline import build_tune_pipeline
 
-        return build_tune_pipeline(settings)
+        return build_tune_pipeline(build_pipeline(settings), settings)
     raise UserError(f"--pipeline {name!r}: expected one of {', '.join(PIPELINES)}")
 
 

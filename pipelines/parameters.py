@@ -1,0 +1,111 @@
+"""The pipelines' parameters, defined once: name, type, default, the help the Kubeflow UI shows, and the
+config setting each one overrides. Both pipeline functions get their signatures from here, and
+`datadream pipeline run --local` and `datadream demo` take their laptop defaults from here.
+
+A parameter with a `setting` is folded into the config the steps run with (`config_overrides`); the
+others steer the DAG (fan-out, which classifiers, registration) or are the config itself.
+"""
+
+# No `from __future__ import annotations`: KFP reads the built signatures' annotations as types.
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: type
+    default: Any
+    help: str
+    setting: str | None = None  # the config key it sets, e.g. "fewshot.shots"
+
+
+RUN = (
+    Parameter("dataset", str, "demo", 'ImageFolder path or URI of the labelled dataset; "demo" = the procedural '
+              "demo dataset."),
+    Parameter("shots", int, 16, "real images per class (1..16).", "fewshot.shots"),
+    Parameter("seed", int, 1, "sampling and training seed.", "fewshot.seed"),
+    Parameter("mode", str, "class", '"class" (one SD adapter per class) or "dataset" (one for all classes).',
+              "adapt.mode"),
+    Parameter("images_per_class", int, 500, "synthetic images per class.", "generate.images_per_class"),
+    Parameter("train_on", list, ["synthetic"], 'classifiers to train: any of "synthetic", "synthetic+real", "real", '
+              '"zero-shot".'),
+    Parameter("gpus", int, 1, "GPUs to use at once = class shards of the SD fan-out."),
+    Parameter("sd_model", str, "stabilityai/stable-diffusion-2-1-base",
+              "Stable Diffusion base model (Hub id, folder or s3://).", "models.sd"),
+    Parameter("clip_model", str, "ViT-B-16", "open_clip model name of the classifier.", "models.clip"),
+    Parameter("clip_pretrained", str, "openai", 'open_clip pretrained tag or weights file; "" for none.',
+              "models.clip_pretrained"),
+    Parameter("preset", str, "paper", '"paper" (the paper\'s settings, docs/method.md) or "tiny" (CPU smoke run).'),
+    Parameter("config", str, "", "YAML overrides of any setting, layered on the preset."),
+    Parameter("register_name", str, "datadream", "MLflow registry prefix (<name>-classifier, <name>-sd-lora); "
+              '"" = do not register.'),
+    Parameter("promote_margin", float, 0.0, "a candidate becomes champion only with test top-1 above the "
+              "champion's plus this margin."),
+    Parameter("promote_floor", float, 0.0, "the least test top-1 a champion must have."),
+)
+
+TUNE = (
+    Parameter("study", str, "datadream", "Optuna study name; re-running with the same name resumes the campaign."),
+    Parameter("storage", str, "", 'study storage URL without a password; "" = $OPTUNA_STORAGE from the '
+              "datadream-secrets Secret."),
+    Parameter("trials", int, 20, "finished trials the campaign should reach, all workers together."),
+    Parameter("workers", int, 2, "GPU worker tasks running trials at once."),
+    Parameter("run_best", bool, True, "after the search, run the datadream pipeline with the best settings and "
+              "register it."),
+    *RUN,
+)
+
+BY_NAME = {p.name: p for p in TUNE}
+
+# A run on one machine (`datadream pipeline run --local`, `datadream demo`): tiny models, the demo data.
+LOCAL = {"dataset": "demo", "preset": "tiny", "shots": 4, "images_per_class": 12, "sd_model": "tiny",
+         "clip_model": "tiny", "clip_pretrained": "", "train_on": ["synthetic", "synthetic+real"]}
+# A campaign on one machine: a few trials on two kfp.local worker processes, then a run with the best.
+LOCAL_TUNE = {**LOCAL, "trials": 4, "workers": 2, "train_on": ["synthetic+real"]}
+
+
+def local_defaults(pipeline: str) -> dict[str, Any]:
+    return dict(LOCAL_TUNE if pipeline == "datadream-tune" else LOCAL)
+
+
+def config_overrides(**values: Any) -> list[str]:
+    """`section.key=value` overrides for the config settings among `values` (parameter name -> value)."""
+    out = []
+    for name, value in values.items():
+        setting = BY_NAME[name].setting
+        if setting is None:
+            raise KeyError(f"parameter {name!r} sets no config key")
+        out.append(f"{setting}={'null' if value in ('', None) else value}")
+    return out
+
+
+def docstring(summary: str, params: tuple[Parameter, ...]) -> str:
+    """The pipeline's docstring: its inputs' descriptions in the Kubeflow UI."""
+    return summary + "\n\nArgs:\n" + "".join(f"    {p.name}: {p.help}\n" for p in params)
+
+
+def pipeline_function(name: str, params: tuple[Parameter, ...], body: Callable[..., Any], summary: str):
+    """A function with the signature `params` (name, type, default) that calls `body(**arguments)`; KFP's
+    `dsl.pipeline` reads the signature and the docstring."""
+    signature = inspect.Signature([
+        inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+        for p in params])
+
+    def pipeline(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return body(**bound.arguments)
+
+    pipeline.__signature__ = signature
+    pipeline.__name__ = pipeline.__qualname__ = name.replace("-", "_")
+    pipeline.__doc__ = docstring(summary, params)
+    return pipeline
+
+
+def arguments_of(values: Mapping[str, Any], params: tuple[Parameter, ...] = RUN) -> dict[str, Any]:
+    """The entries of `values` that are parameters of `params`."""
+    names = {p.name for p in params}
+    return {k: v for k, v in values.items() if k in names}
