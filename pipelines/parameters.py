@@ -7,6 +7,7 @@ others steer the DAG (fan-out, which classifiers, registration) or are the confi
 """
 
 # No `from __future__ import annotations`: KFP reads the built signatures' annotations as types.
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,39 +24,53 @@ class Parameter:
 
 
 RUN = (
-    Parameter("dataset", str, "demo", 'ImageFolder path or URI of the labelled dataset; "demo" = the procedural '
-              "demo dataset."),
-    Parameter("shots", int, 16, "real images per class (1..16).", "fewshot.shots"),
-    Parameter("seed", int, 1, "sampling and training seed.", "fewshot.seed"),
-    Parameter("mode", str, "class", '"class" (one SD adapter per class) or "dataset" (one for all classes).',
-              "adapt.mode"),
-    Parameter("images_per_class", int, 500, "synthetic images per class.", "generate.images_per_class"),
-    Parameter("train_on", list, ["synthetic"], 'classifiers to train: any of "synthetic", "synthetic+real", "real", '
-              '"zero-shot".'),
-    Parameter("gpus", int, 1, "GPUs to use at once = class shards of the SD fan-out."),
-    Parameter("sd_model", str, "stabilityai/stable-diffusion-2-1-base",
-              "Stable Diffusion base model (Hub id, folder or s3://).", "models.sd"),
-    Parameter("clip_model", str, "ViT-B-16", "open_clip model name of the classifier.", "models.clip"),
-    Parameter("clip_pretrained", str, "openai", 'open_clip pretrained tag or weights file; "" for none.',
-              "models.clip_pretrained"),
-    Parameter("preset", str, "paper", '"paper" (the paper\'s settings, docs/method.md) or "tiny" (CPU smoke run).'),
-    Parameter("config", str, "", "YAML overrides of any setting, layered on the preset."),
-    Parameter("register_name", str, "datadream", "MLflow registry prefix (<name>-classifier, <name>-sd-lora); "
-              '"" = do not register.'),
-    Parameter("promote_margin", float, 0.0, "a candidate becomes champion only with test top-1 above the "
-              "champion's plus this margin."),
-    Parameter("promote_floor", float, 0.0, "the least test top-1 a champion must have."),
+    Parameter("dataset", str, "demo", "Labelled dataset: an ImageFolder path or s3:// URI (DATA/<class>/<image> or "
+              'DATA/{train,val,test}/<class>/<image>); "demo" = the procedural demo dataset.'),
+    Parameter("shots", int, 16, "Real images per class (k) sampled for adaptation and training, e.g. 16.",
+              "fewshot.shots"),
+    Parameter("seed", int, 1, "Seed of the few-shot sampling, adaptation, generation and training.", "fewshot.seed"),
+    Parameter("mode", str, "class", '"class": one Stable Diffusion LoRA adapter per class (DataDream_cls); '
+              '"dataset": one adapter for all classes (DataDream_dset).', "adapt.mode"),
+    Parameter("images_per_class", int, 500, "Synthetic images generated per class (the paper: 500).",
+              "generate.images_per_class"),
+    Parameter("train_on", list, ["synthetic"], 'Classifiers to train and evaluate, a JSON list of "synthetic", '
+              '"synthetic+real", "real" (few-shot baseline) and "zero-shot" (no training), e.g. '
+              '["synthetic","synthetic+real"].'),
+    Parameter("gpus", int, 1, "GPUs to use at once: the number of class shards adaptation and generation fan out "
+              "over."),
+    Parameter("sd_model", str, "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion model: Hugging Face id, "
+              "folder or s3:// URI (stabilityai/stable-diffusion-2-1-base), or tiny.", "models.sd"),
+    Parameter("clip_model", str, "ViT-B-16", "CLIP architecture: an open_clip model name (ViT-B-16), "
+              "local-dir:FOLDER, or tiny.", "models.clip"),
+    Parameter("clip_pretrained", str, "openai", 'open_clip pretrained tag (openai) or a safetensors weights file; '
+              '"" = none.', "models.clip_pretrained"),
+    Parameter("preset", str, "paper", '"paper" (the paper\'s settings, docs/method.md) or "tiny" (random-init '
+              "models for a CPU smoke run)."),
+    Parameter("config", str, "", "YAML layered on the preset: any setting, e.g. 'classify: {epochs: 30}' "
+              "(datadream tune best writes one)."),
+    Parameter("register_name", str, "datadream", "MLflow experiment and registry prefix (<name>-classifier, "
+              '<name>-sd-lora); "" = no tracking, no registration.'),
+    Parameter("promote_margin", float, 0.0, "The gate: a new classifier becomes champion only if its test top-1 "
+              "beats the champion's by more than this."),
+    Parameter("promote_floor", float, 0.0, "The gate: the least test top-1 a champion must have."),
 )
 
+# The search's own parameters; the others are the datadream pipeline's, for the trials and the final run.
+_TUNE_HELP = {
+    "config": "YAML layered on the preset, including the search (tune.search, tune.space, tune.fidelity, "
+              "tune.pruner).",
+    "register_name": "MLflow registry prefix; the campaign is tracked in experiment <register_name>-tune, the "
+                     'final run in <register_name>; "" = no MLflow.',
+}
 TUNE = (
     Parameter("study", str, "datadream", "Optuna study name; re-running with the same name resumes the campaign."),
-    Parameter("storage", str, "", 'study storage URL without a password; "" = $OPTUNA_STORAGE from the '
+    Parameter("storage", str, "", 'Study storage URL without a password; "" = $OPTUNA_STORAGE from the '
               "datadream-secrets Secret."),
-    Parameter("trials", int, 20, "finished trials the campaign should reach, all workers together."),
+    Parameter("trials", int, 20, "Finished trials the campaign should reach, all workers together."),
     Parameter("workers", int, 2, "GPU worker tasks running trials at once."),
-    Parameter("run_best", bool, True, "after the search, run the datadream pipeline with the best settings and "
+    Parameter("run_best", bool, True, "After the search, run the datadream pipeline with the best settings and "
               "register it."),
-    *RUN,
+    *(dataclasses.replace(p, help=_TUNE_HELP.get(p.name, p.help)) for p in RUN),
 )
 
 BY_NAME = {p.name: p for p in TUNE}
@@ -83,7 +98,8 @@ def config_overrides(**values: Any) -> list[str]:
 
 
 def docstring(summary: str, params: tuple[Parameter, ...]) -> str:
-    """The pipeline's docstring: its inputs' descriptions in the Kubeflow UI."""
+    """The pipeline's docstring; KFP reads its "Args:" into the compiled IR's
+    inputDefinitions.parameters.<name>.description, which the Kubeflow UI shows beside each parameter."""
     return summary + "\n\nArgs:\n" + "".join(f"    {p.name}: {p.help}\n" for p in params)
 
 

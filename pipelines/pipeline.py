@@ -97,7 +97,9 @@ def build_pipeline(settings: ClusterSettings | None = None):
             tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
 
     return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=s.pipeline_root, description=DESCRIPTION)(
-        params_.pipeline_function(PIPELINE_NAME, params_.RUN, datadream, DESCRIPTION))
+        params_.pipeline_function(PIPELINE_NAME, params_.RUN, datadream,
+                                  "One DataDream run: few-shot set, SD adapters, synthetic images, classifiers, "
+                                  "registration."))
 
 
 PIPELINES = ("datadream", "datadream-tune")

@@ -52,4 +52,5 @@ def build_tune_pipeline(datadream, settings: ClusterSettings | None = None):
                 datadream(**{**params_.arguments_of(p), "config": best.outputs["config"]})
 
     return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=s.pipeline_root, description=DESCRIPTION)(
-        params_.pipeline_function(PIPELINE_NAME, params_.TUNE, datadream_tune, DESCRIPTION))
+        params_.pipeline_function(PIPELINE_NAME, params_.TUNE, datadream_tune, "A search campaign over LoRA rank "
+                                  "and learning rate, then optionally a run with the best settings."))
