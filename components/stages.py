@@ -126,7 +126,8 @@ def generate(
 
     cfg = steps.resolve_config(preset, config,
                                [f"generate.images_per_class={images_per_class}", f"models.sd={sd_model}"])
-    steps.generate(cfg, fewshot_set.path, adapters.path, synthetic.path, shard, steps.Tracking(mlflow_run, standalone=False))
+    steps.generate(cfg, fewshot_set.path, adapters.path, synthetic.path, shard,
+                   steps.Tracking(mlflow_run, standalone=False))
     synthetic.metadata.update({"shard": shard, "images_per_class": images_per_class})
 
 
@@ -230,7 +231,8 @@ def evaluate(
     from datadream.artifacts import Classifier
 
     cfg = steps.resolve_config(preset, config)
-    result = steps.evaluate(cfg, classifier.path, fewshot_set.path, scores.path, tracking=steps.Tracking(mlflow_run, standalone=False),
+    result = steps.evaluate(cfg, classifier.path, fewshot_set.path, scores.path,
+                            tracking=steps.Tracking(mlflow_run, standalone=False),
                             name=f"evaluate {train_on}", tags={"train_on": train_on})
     result.attach(Classifier.open(classifier.path), steps.setting_label(train_on, mode))
     for name in ("top1", "top5", "mean_per_class"):

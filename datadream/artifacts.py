@@ -18,15 +18,17 @@ stages, so that the stages that write an artifact and the steps that read it sha
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from datadream.data.manifest import ClassInfo, read_classes
 from datadream.errors import UserError
-from datadream.io import atomic_write_json, read_json, sha256_json
+
+if TYPE_CHECKING:
+    from datadream.data.manifest import ClassInfo
+
+# The readers import what they need when called: `datadream --help` names the markers without loading more.
 
 FEWSHOT_MARKER = "fewshot.json"
 ADAPTERS_MARKER = "adapter.json"  # also the per-adapter metadata file inside each adapter folder
@@ -71,6 +73,8 @@ class _Artifact:
     @cached_property
     def meta(self) -> dict[str, Any]:
         """The marker file's content."""
+        from datadream.io import read_json
+
         return read_json(self.marker)
 
     def __str__(self) -> str:
@@ -90,6 +94,8 @@ class FewShotSet(_Artifact):
         return self.path / CLASSES_FILE
 
     def classes(self) -> list[ClassInfo]:
+        from datadream.data.manifest import read_classes
+
         return read_classes(self.classes_file)
 
     def names(self) -> dict[str, str]:
@@ -102,6 +108,8 @@ class FewShotSet(_Artifact):
     @property
     def data_hash(self) -> str:
         """sha256 of the three manifests' hashes: downstream steps key their caches on content."""
+        from datadream.io import sha256_json
+
         return sha256_json(self.meta["manifest_sha256"])
 
 
@@ -153,6 +161,8 @@ class Metrics(_Artifact):
 
     def setting(self) -> dict[str, str]:
         """The pipeline's label of the classifier scored here: train_on, mode, label."""
+        from datadream.io import read_json
+
         return read_json(self.path / SETTING_FILE)
 
     @property
@@ -162,6 +172,10 @@ class Metrics(_Artifact):
 
     def attach(self, classifier: Classifier, setting: dict[str, str]) -> None:
         """Keep the scored classifier (a few MB: LoRA + head) and its label beside the metrics."""
+        import shutil
+
+        from datadream.io import atomic_write_json
+
         copy = self.path / CLASSIFIER_COPY
         if copy.exists():
             shutil.rmtree(copy)

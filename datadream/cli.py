@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from datadream import __version__
+from datadream import __version__, artifacts
 from datadream.errors import InfraError, UserError
 
 log = logging.getLogger("datadream")
@@ -42,32 +42,32 @@ _STAGES = {
         "oversized images are rejected with a reason), and write the train/val/test manifests with a "
         "sha256 per image, the class list and the rejected files.",
         "datadream fewshot --dataset DATA --shots 16 --seed 1 --out fs",
-        "fewshot.json"),
+        artifacts.FEWSHOT_MARKER),
     "adapt": (
         "LoRA fine-tuning of Stable Diffusion on the few-shot images",
         "Train LoRA adapters of Stable Diffusion's UNet and text encoder on the few-shot images: one per "
         "class (--mode class, optionally one shard of the classes) or one for the whole dataset (--mode "
         "dataset). Checkpoints are published atomically; a killed run resumes from the newest one.",
         "datadream adapt --fewshot fs --mode class --shard 0/4 --out ad",
-        "adapter.json"),
+        artifacts.ADAPTERS_MARKER),
     "generate": (
         "generate synthetic images per class with the adapters",
         "Generate generate.images_per_class images per class with each class's adapter; every image's "
         "seed comes from (seed, class, index), so shards and resumed runs make the same images.",
         "datadream generate --fewshot fs --adapters ad --shard 0/4 --out syn",
-        "generate.json"),
+        artifacts.SYNTHETIC_MARKER),
     "classify": (
         "train the CLIP LoRA classifier (epoch chosen on val)",
         "Fine-tune CLIP with LoRA on synthetic images, synthetic+real or the real shots, with a head of "
         "class text embeddings; the epoch with the best val top-1 is kept (epoch 0 = zero-shot).",
         "datadream classify --fewshot fs --synthetic syn --train-on synthetic+real --out clf",
-        "classifier.json"),
+        artifacts.CLASSIFIER_MARKER),
     "evaluate": (
         "top-1/top-5, per-class accuracy and confusion matrix on a split",
         "Evaluate a classifier on the test (or val) split: top-1, top-5, per-class accuracy and the "
         "confusion matrix (confusion.csv); prints top1, top5 and n as one JSON line.",
         "datadream evaluate --fewshot fs --classifier clf --out ev",
-        "metrics.json"),
+        artifacts.METRICS_MARKER),
 }
 
 
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot", required=True, help="a fewshot output folder")
     p.add_argument("--classifier", required=True, help="a classify output folder")
     p.add_argument("--split", default="test", choices=("test", "val"), help="which split (default test)")
-    p.add_argument("--out", required=True, help="output folder (metrics.json, confusion.csv)")
+    p.add_argument("--out", required=True,
+                   help=f"output folder ({artifacts.METRICS_MARKER}, {artifacts.CONFUSION_FILE})")
     _config_args(p)
     _pipeline_parser(sub)
     from datadream import registry_cli, tune_cli
@@ -405,7 +406,7 @@ def run_command(args) -> None:
         return
     # Every folder argument may be s3://bucket/prefix: inputs are mirrored into the cache (ETag-checked),
     # outputs are built in a local staging folder and published with their marker file last.
-    from datadream import artifacts, steps, storage
+    from datadream import steps, storage
 
     if cmd == "fewshot":
         extra = [f"fewshot.shots={args.shots}"] if args.shots is not None else []

@@ -14,7 +14,7 @@ def test_artifacts_open_only_finished_folders(tmp_path, fewshot_set):
     assert fs.meta["classes"] == len(fs.classes()) and fs.manifest("test").is_file()
     assert len(fs.data_hash) == 64
     (tmp_path / "half").mkdir()
-    with pytest.raises(UserError, match="no classifier.json .not a finished classify output"):
+    with pytest.raises(UserError, match=r"no classifier\.json \(not a finished classify output"):
         artifacts.Classifier.open(tmp_path / "half")
     with pytest.raises(UserError, match="split 'dev'"):
         fs.manifest("dev")
@@ -31,7 +31,7 @@ def test_untracked_steps_import_no_mlflow(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_classify_logs_its_run_when_a_tracking_uri_is_set(tmp_path, monkeypatch, capsys, fewshot_set, mlflow_sqlite):
+def test_cli_classify_logs_its_run_when_a_tracking_uri_is_set(tmp_path, monkeypatch, fewshot_set, mlflow_sqlite):
     import mlflow
     from mlflow import MlflowClient
 
