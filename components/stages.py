@@ -2,7 +2,7 @@
 
 Each is a *lightweight* component: KFP ships only the function's source, so every import is inside
 the body, and the image (which has `datadream` installed) provides the rest. Each function only maps
-KFP artifacts and parameters onto one `datadream.stages` call. The docstrings are what the Kubeflow
+KFP artifacts and parameters onto one `datadream.steps` call. The docstrings are what the Kubeflow
 UI shows for each step.
 """
 
@@ -362,35 +362,21 @@ def tune_prepare(
         worker_list: one entry per worker, for the fan-out.
     """
     from collections import namedtuple
-    from pathlib import Path
 
     import yaml
 
-    from datadream import tuning
-    from datadream.config import deep_merge, layered_overrides, load_config
-    from datadream.stages import fewshot as stage
+    from datadream import steps, tuning
+    from datadream.config import deep_merge, layered_overrides
 
     overrides = [f"fewshot.shots={shots}", f"fewshot.seed={seed}", f"adapt.mode={mode}", f"models.sd={sd_model}",
                  f"models.clip={clip_model}", f"models.clip_pretrained={clip_pretrained or 'null'}"]
-    cfg = load_config(preset, text=config, overrides=overrides)  # bad settings fail here, before any GPU
+    cfg = steps.resolve_config(preset, config, overrides)  # bad settings fail here, before any GPU
     if workers < 1:
         from datadream.errors import UserError
 
         raise UserError(f"workers {workers}: expected at least 1")
-    url = tuning.storage_from(storage)
-    tuning.create_study(study, url, cfg)
-    if register_name:
-        from datadream import tracking
-
-        tracking.check_tracking()
-        tracking.get_or_create_experiment(f"{register_name}-tune")
-    if dataset == "demo":
-        import tempfile
-
-        from datadream.data.demo import make_demo_dataset
-
-        dataset = make_demo_dataset(Path(tempfile.mkdtemp(prefix="datadream-demo-")) / "dataset", seed=0)
-    stage.run(cfg, dataset, fewshot_set.path)
+    tuning.prepare(cfg, dataset, study, tuning.storage_from(storage), fewshot_set.path,
+                   f"{register_name}-tune" if register_name else None)
     run_config = yaml.safe_dump(deep_merge(yaml.safe_load(config) or {}, layered_overrides([], overrides)),
                                 sort_keys=True)
     outputs = namedtuple("TunePrepareOutputs", ["run_config", "worker_list"])
@@ -424,17 +410,12 @@ def tune_worker(
     import tempfile
     from pathlib import Path
 
-    from datadream import tuning
-    from datadream.config import load_config
+    from datadream import steps, tuning
 
-    cfg = load_config(preset, text=run_config)
-    url = tuning.storage_from(storage)
-    s = tuning.create_study(study, url, cfg)
+    cfg = steps.resolve_config(preset, run_config)
     work = Path(os.environ.get("DATADREAM_WORK") or tempfile.gettempdir()) / "datadream-tune" / study
-    campaign = tuning.Campaign(s, cfg, fewshot_set.path, work, f"{register_name}-tune" if register_name else None)
-    campaign.open_tracking(url)
-    ran = campaign.optimize(trials)
-    campaign.tag_best()
+    ran = tuning.work(study, tuning.storage_from(storage), cfg, fewshot_set.path, work,
+                      f"{register_name}-tune" if register_name else None, trials)
     logging.getLogger("datadream").info("tune worker %s: ran %d trial(s)", worker, ran)
 
 
@@ -464,10 +445,10 @@ def tune_best(
 
     import yaml
 
-    from datadream import tuning
-    from datadream.config import deep_merge, load_config
+    from datadream import steps, tuning
+    from datadream.config import deep_merge
 
-    cfg = load_config(preset, text=run_config)
+    cfg = steps.resolve_config(preset, run_config)
     s = tuning.load_study(study, tuning.storage_from(storage), cfg)
     path = tuning.write_best(s, cfg, Path(best.path))
     best.metadata.update({"study": study, "trial": s.best_trial.number, "val_top1": s.best_value})

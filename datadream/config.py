@@ -8,6 +8,7 @@ preset; `paper/<dataset>` adds one of the paper's datasets (datadream/presets/__
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -118,6 +119,12 @@ class ModelsConfig(Section):
     cache_dir: str | None = Field(
         None, description="Where built or downloaded models are cached (default ~/.cache/datadream)."
     )
+
+
+def cache_root(models: ModelsConfig) -> Path:
+    """Where built (tiny, random-init) and downloaded models are kept: models.cache_dir, then
+    $DATADREAM_CACHE, then ~/.cache/datadream."""
+    return Path(models.cache_dir or os.environ.get("DATADREAM_CACHE") or Path.home() / ".cache" / "datadream")
 
 
 class FewShotConfig(Section):

@@ -67,3 +67,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+# --- step metrics ---------------------------------------------------------------------------------------
+# The stages report step metrics (loss, lr, throughput, val top-1) through `step_metrics()` without
+# knowing where they go: a tracked step (datadream.steps) registers MLflow's writer here, so a stage
+# run inside it logs to the step's active run, and an untracked one costs nothing.
+
+
+class NoStepMetrics:
+    """Step metrics that go nowhere."""
+
+    def add(self, metrics, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+
+_step_metrics_factory = None
+
+
+def register_step_metrics(factory) -> None:
+    """`factory()` makes the step-metrics writer of the current (tracked) run; tracking calls this."""
+    global _step_metrics_factory
+    _step_metrics_factory = factory
+
+
+def step_metrics():
+    """A writer with `add(metrics, step)` and `flush()` (a context manager too) for the running stage."""
+    return _step_metrics_factory() if _step_metrics_factory is not None else NoStepMetrics()

@@ -84,8 +84,9 @@ class Tracking:
             return
         import mlflow  # noqa: F401 - configures MLflow's loggers (at INFO) on first import
 
-        from datadream import tracking
+        from datadream import runtime, tracking
 
+        runtime.register_step_metrics(tracking.StepMetrics)  # the stage's step metrics go to the active run
         if not log.isEnabledFor(logging.DEBUG):  # its database chatter is not the step's output
             logging.getLogger("mlflow").setLevel(logging.WARNING)
         tracking.check_tracking()
@@ -187,11 +188,12 @@ def finish_pipeline(parent: str, status: str = "FINISHED") -> None:
 
 
 def fewshot(config: Config, dataset: str | os.PathLike, out: str | os.PathLike,
-            tracking: Tracking = UNTRACKED) -> FewShotSet:
-    """Sample `fewshot.shots` images per class of `dataset` ("demo": the procedural one) into `out`."""
+            tracking: Tracking = UNTRACKED, demo_work: str | os.PathLike | None = None) -> FewShotSet:
+    """Sample `fewshot.shots` images per class of `dataset` into `out`; "demo" is the procedural demo
+    dataset, made under `demo_work` (else a temporary folder)."""
     from datadream.stages import fewshot as stage
 
-    dataset = resolve_dataset(dataset)
+    dataset = resolve_dataset(dataset, demo_work)
     sections = {"fewshot": config.to_dict()["fewshot"], "data": config.to_dict()["data"]}
     with tracking.step("fewshot", sections, prefix="") as run:
         result = FewShotSet.open(stage.run(config, dataset, out))

@@ -46,7 +46,7 @@ Credentials. boto3's default chain: environment, web identity (IRSA on EKS), ~/.
 $AWS_ENDPOINT_URL or $AWS_ENDPOINT_URL_S3 point the client at MinIO or moto (boto3 reads them itself;
 MinIO without virtual-host buckets also wants `addressing_style = path` in the `s3` section of
 ~/.aws/config). No key, secret, token or presigned signature ever reaches a log line or a message:
-messages name only bucket, key and error code, and endpoint URLs go through `tracking.redact()`.
+messages name only bucket, key and error code, and endpoint URLs go through `errors.redact()`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from datadream.errors import UserError
+from datadream.errors import UserError, redact
 from datadream.io import atomic_write_json, file_lock, mkstemp
-from datadream.tracking import redact
 
 logger = logging.getLogger(__name__)
 
@@ -364,8 +363,7 @@ def local_etag(path: str | os.PathLike, size: int | None = None) -> str:
 
 def cache_dir() -> Path:
     """The object cache's root: $DATADREAM_CACHE, else ~/.cache/datadream (mirrors live under s3/<bucket>/)."""
-    from datadream.config import ModelsConfig
-    from datadream.models import cache_root
+    from datadream.config import ModelsConfig, cache_root
 
     return cache_root(ModelsConfig())
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from datadream.errors import UserError
+from datadream.errors import UserError, redact
 
 if TYPE_CHECKING:
     import mlflow
@@ -61,20 +61,6 @@ _MAX_PARAM_LEN = 6000  # MAX_PARAM_VAL_LENGTH
 _MAX_TAG_LEN = 8000  # MAX_TAG_VAL_LENGTH
 
 # --- credentials never leave this module -----------------------------------------------------------
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|token|access_token|secret|client_secret|api_key|apikey|key|sig|signature"
-    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;\s]+",
-    re.IGNORECASE,
-)
-
-
-def redact(text: str) -> str:
-    """`text` with URL credentials (`user:pass@`) and secret query values replaced by `***`."""
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
-    return _SECRET_QUERY.sub(r"\g<key>***", text)
-
 
 # --- where runs go -------------------------------------------------------------------------------------
 

@@ -93,7 +93,6 @@ def run(args, load) -> None:
 
 def _run(args, load) -> None:
     from datadream import tuning
-    from datadream.stages import fewshot
 
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: expected at least 1")
@@ -101,38 +100,18 @@ def _run(args, load) -> None:
         raise UserError(f"--workers {args.workers}: expected at least 1")
     tuning.check_study_name(args.study)
     config = load(args)
-    tuning.open_storage(args.storage, config)  # fail fast, before any work
     experiment = "datadream-tune" if args.experiment is None else args.experiment
-    if experiment:
-        from datadream import tracking
-
-        tracking.check_tracking()
-        # Create the store and experiment now: workers starting at once on a fresh SQLite store would race
-        # to create its tables.
-        tracking.get_or_create_experiment(experiment)
     work = Path(args.work or Path("tune-runs") / args.study)
-    dataset = args.dataset
-    if dataset == "demo":
-        from datadream.data.demo import make_demo_dataset
-
-        dataset = make_demo_dataset(work / "dataset", seed=0)
-    fewshot_dir = fewshot.run(config, dataset, work / "fewshot")  # a no-op when it exists
-    study = tuning.create_study(args.study, args.storage, config)
+    fewshot_set = tuning.prepare(config, args.dataset, args.study, args.storage, work / "fewshot", experiment,
+                                 work=work)
+    job = {"study": args.study, "storage_url": args.storage, "config": config, "fewshot_dir": fewshot_set.path,
+           "work_dir": work, "experiment": experiment, "trials": args.trials}
     if args.workers > 1:
-        argv = ["tune", "run", "--study", args.study, "--trials", str(args.trials), "--dataset", str(dataset),
-                "--work", str(work), "--experiment", experiment, "--preset", args.preset,
-                *(x for f in args.config for x in ("--config", f)), *(x for o in args.overrides for x in ("--set", o))]
-        if args.quiet:
-            argv.insert(0, "-q")
-        status = tuning.run_workers(argv, args.workers, env={"OPTUNA_STORAGE": args.storage})
+        status = tuning.run_workers(args.workers, **job)
         if status:
             raise UserError(f"tune run: a worker exited with status {status}; re-run the command to resume")
     else:
-        campaign = tuning.Campaign(study, config, fewshot_dir, work, experiment)
-        campaign.open_tracking(args.storage)
-        ran = campaign.optimize(args.trials)
-        campaign.tag_best()
-        log.info("tune: this worker ran %d trial(s)", ran)
+        log.info("tune: this worker ran %d trial(s)", tuning.work(**job))
     study = tuning.load_study(args.study, args.storage, config)
     try:
         best = study.best_trial

@@ -31,14 +31,13 @@ import math
 import os
 import re
 import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from datadream.artifacts import FewShotSet
 from datadream.config import SEARCHABLE, Config, deep_merge
-from datadream.errors import UserError
+from datadream.errors import UserError, redact
 from datadream.io import atomic_write_text, file_lock, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def storage_from(parameter: str) -> str:
     """A pipeline's `storage` parameter, else $OPTUNA_STORAGE (the datadream-secrets Secret). A password
     in the parameter is refused: parameters are shown in the Kubeflow UI and stored with the run."""
-    from datadream.tracking import redact
 
     url = (parameter or "").strip()
     if url:
@@ -88,7 +86,6 @@ def open_storage(url: str, config: Config | None = None, timeout_s: float = 10):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    from datadream.tracking import redact
 
     url = (url or "").strip()
     if not url:
@@ -141,7 +138,6 @@ def load_study(name: str, storage_url: str, config: Config | None = None):
     """An existing study; UserError naming the study and the storage when it is absent."""
     import optuna
 
-    from datadream.tracking import redact
 
     storage = open_storage(storage_url, config)
     try:
@@ -286,7 +282,7 @@ class Campaign:
     def objective(self, trial) -> float:
         import optuna
 
-        from datadream import tracking
+        from datadream import steps
 
         params = suggest(trial, self.config)
         cfg = trial_config(self.config, params)
@@ -295,22 +291,22 @@ class Campaign:
         trial.set_user_attr("work_dir", str(folders["classifier"]))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         log.info("tune: trial %d %s -> %s", trial.number, params, folders["classifier"])
-        stage = tracking.tracked_stage(self.parent_run, f"trial {trial.number}",
-                                       {**params, **{f"fidelity.{k}": v for k, v in cfg.tune.fidelity.items()}},
-                                       prefix="", tags={TRIAL_TAG: trial.number, STUDY_TAG: self.study.study_name})
+        tracking = steps.Tracking(self.parent_run, standalone=False)
         pruned = None
-        with stage as run:
-            if run is not None:
-                trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        with tracking.step(f"trial {trial.number}", {**params, **{f"fidelity.{k}": v for k, v in
+                                                                  cfg.tune.fidelity.items()}},
+                           prefix="", tags={TRIAL_TAG: trial.number, STUDY_TAG: self.study.study_name}) as run:
+            if run:
+                trial.set_user_attr("mlflow_run_id", run.run_id)
             try:
                 value = self._run_trial(trial, cfg, folders)
             except optuna.TrialPruned as e:
                 pruned = e
                 trial.set_user_attr(PRUNED_REASON, str(e))
-                tracking.set_tags({STATE_TAG: "PRUNED", PRUNED_TAG: str(e)[:5000]})
+                run.tags({STATE_TAG: "PRUNED", PRUNED_TAG: str(e)[:5000]})
             else:
-                tracking.set_tags({STATE_TAG: "COMPLETE"})
-                tracking.log_final_metrics({"objective_val_top1": value})
+                run.tags({STATE_TAG: "COMPLETE"})
+                run.metrics({"objective_val_top1": value})
         if pruned is not None:
             raise pruned
         return value
@@ -320,7 +316,7 @@ class Campaign:
         settings share the SD adapters and images, and a retried trial resumes its own checkpoints."""
         d = cfg.to_dict()
         fewshot_set = {"path": str(self.fewshot_dir.resolve()),
-                       "marker": sha256_file(self.fewshot_dir / "fewshot.json")}
+                       "marker": sha256_file(FewShotSet(self.fewshot_dir).marker)}
         sd = {"fewshot_set": fewshot_set, **{k: d[k] for k in ("run", "data", "models", "fewshot", "adapt")}}
         images = {**sd, "generate": d["generate"], "assess": d["assess"]}
         return {"adapters": self.work / "adapters" / sha256_json(sd)[:16],
@@ -328,11 +324,9 @@ class Campaign:
                 "classifier": self.work / "classifiers" / sha256_json({**images, "classify": d["classify"]})[:16]}
 
     def _run_trial(self, trial, cfg: Config, folders: dict[str, Path]) -> float:
-        import json
-
         import optuna
 
-        from datadream.stages import adapt, classify, generate
+        from datadream import steps
 
         def report(epoch: int, best_val: float | None) -> None:
             if best_val is None:
@@ -342,17 +336,17 @@ class Campaign:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (best val top-1 {best_val:.4f} trails other trials)")
 
         # Shared folders are built by one worker at a time; the others wait, then find them finished.
+        # The steps run inside the trial's run (untracked themselves): their stages' step metrics land there.
         with file_lock(lock_of(folders["adapters"])):
-            adapt.run(cfg, self.fewshot_dir, folders["adapters"])
+            steps.adapt(cfg, self.fewshot_dir, folders["adapters"])
         with file_lock(lock_of(folders["synthetic"])):
-            generate.run(cfg, self.fewshot_dir, folders["adapters"], folders["synthetic"])
+            steps.generate(cfg, self.fewshot_dir, folders["adapters"], folders["synthetic"])
         prune_on_quality(trial, cfg, folders["synthetic"])
         with file_lock(lock_of(folders["classifier"])):
-            out = classify.run(cfg, self.fewshot_dir, folders["synthetic"], folders["classifier"], on_epoch=report)
-        clf = json.loads((out / "classifier.json").read_text())
-        if clf.get("best_val_top1") is None:
+            clf = steps.classify(cfg, self.fewshot_dir, folders["synthetic"], folders["classifier"], on_epoch=report)
+        if clf.best_val_top1 is None:
             raise UserError(f"{self.fewshot_dir}: the val split is empty; a search needs val images")
-        return float(clf["best_val_top1"])
+        return float(clf.best_val_top1)
 
     def optimize(self, trials: int) -> int:
         """Run trials until the study holds `trials` finished ones; returns how many this worker ran."""
@@ -431,28 +425,73 @@ def tag_best(study, parent_run: str) -> None:
                        **{f"best.{k}": v for k, v in best.params.items()}}, parent_run)
 
 
-def run_workers(argv: list[str], workers: int, env: dict[str, str] | None = None) -> int:
-    """Start `workers` worker processes (`datadream <argv> --workers 1`, with `env` added to the
-    environment) and wait for all of them. Returns the first non-zero exit status, or 0. Ctrl-C stops
-    the workers; the campaign resumes from the storage."""
-    full_env = {**os.environ, **(env or {})}
+def prepare(config: Config, dataset: str, study: str, storage_url: str, fewshot_out: str | os.PathLike,
+            experiment: str | None, work: str | os.PathLike | None = None) -> FewShotSet:
+    """Everything a campaign's workers share, checked and made once before they start: the study
+    storage and the study (the config's own settings enqueued as trial 0), the MLflow experiment
+    (created now: workers starting at once on a fresh SQLite store would race to create its tables),
+    and the few-shot set every trial trains on ("demo": the procedural dataset, made under `work`)."""
+    from datadream import steps
+
+    check_study_name(study)
+    create_study(study, storage_url, config)  # fails fast on an unreachable storage, before any work
+    if experiment:
+        from datadream import tracking
+
+        tracking.check_tracking()
+        tracking.get_or_create_experiment(experiment)
+    return steps.fewshot(config, dataset, fewshot_out, demo_work=work)  # a no-op when it exists
+
+
+def work(study: str, storage_url: str, config: Config, fewshot_dir: str | os.PathLike, work_dir: str | os.PathLike,
+         experiment: str | None, trials: int) -> int:
+    """One worker: run trials until the study holds `trials` finished ones; returns how many it ran."""
+    campaign = Campaign(create_study(study, storage_url, config), config, fewshot_dir, work_dir, experiment)
+    campaign.open_tracking(storage_url)
+    ran = campaign.optimize(trials)
+    campaign.tag_best()
+    return ran
+
+
+def _work_in_process(kwargs: dict, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ran = work(**kwargs)
+    log.info("tune: worker %d ran %d trial(s)", os.getpid(), ran)
+
+
+def run_workers(workers: int, target=_work_in_process, **kwargs) -> int:
+    """Run `work(**kwargs)` in `workers` processes of this machine at once and wait for all of them.
+
+    The processes are started fresh (multiprocessing "spawn"): the settings, the storage URL included,
+    reach them through a pipe, never a command line. Returns the first non-zero exit code, or 0.
+    Ctrl-C stops the workers; the campaign resumes from the storage."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
     # Share the cores: W processes with a thread per core each oversubscribe the CPU (10× slower on 2 cores).
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        full_env.setdefault(var, threads)
-    # Their one-line summaries would repeat the caller's; their logs go to stderr as usual.
-    procs = [subprocess.Popen([sys.executable, "-m", "datadream.cli", *argv, "--workers", "1"], env=full_env,
-                              stdout=subprocess.DEVNULL) for _ in range(workers)]
+    added = {var: threads for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if var not in os.environ}
+    level = logging.getLogger().getEffectiveLevel()
+    procs = [ctx.Process(target=target, args=(kwargs, level), name=f"tune-worker-{i}") for i in range(workers)]
+    os.environ.update(added)  # the children inherit the environment at start
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
     status = 0
     try:
         for p in procs:
-            rc = p.wait()
-            status = status or rc
+            p.join()
+            status = status or (p.exitcode or 0)
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait()
+            p.join()
         raise
     return status
 

@@ -52,3 +52,19 @@ def test_cli_classify_logs_its_run_when_a_tracking_uri_is_set(tmp_path, monkeypa
     assert {m.step: m.value for m in history} == {h["epoch"]: h["val_top1"] for h in clf["history"]}
     assert run.data.metrics["best_val_top1"] == clf["best_val_top1"]
     assert "classifier.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_adapt_refuses_an_unknown_prediction_type_before_claiming_its_folder(tmp_path, tiny, fewshot_set):
+    import shutil
+
+    from datadream.models.sd import resolve_sd
+
+    cfg = tiny()
+    model = tmp_path / "sd"
+    shutil.copytree(resolve_sd(cfg.models), model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "sample"}))
+    cfg = tiny(f"models.sd={model}")
+    with pytest.raises(UserError, match=r"prediction_type 'sample' is not supported; expected one of epsilon"):
+        steps.adapt(cfg, fewshot_set, tmp_path / "adapters")
+    assert not (tmp_path / "adapters").exists()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -247,17 +248,18 @@ def test_a_killed_workers_trial_is_retried_after_the_grace_period(capsys, tmp_pa
         assert retries[0].params == dead.params
 
 
-def test_storage_password_stays_out_of_worker_command_lines(monkeypatch):
-    seen = {}
+def _record_worker(kwargs: dict, log_level: int) -> None:
+    """A stand-in for a worker: what a spawned process sees of its job."""
+    Path(kwargs["out"]).write_text(json.dumps({"argv": sys.argv, "storage": kwargs["storage_url"],
+                                               "env": os.environ.get("OPTUNA_STORAGE"),
+                                               "threads": os.environ.get("OMP_NUM_THREADS")}))
 
-    class FakePopen:
-        def __init__(self, cmd, env, stdout):
-            seen["cmd"], seen["env"] = cmd, env
 
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    assert tuning.run_workers(["tune", "run", "--study", "s"], 1, env={"OPTUNA_STORAGE": "postgresql://u:pw@db/x"}) == 0
-    assert "pw" not in " ".join(seen["cmd"]) and seen["env"]["OPTUNA_STORAGE"].endswith("@db/x")
-    assert os.environ.get("OPTUNA_STORAGE") is None
+def test_storage_password_stays_out_of_worker_command_lines(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    url = "postgresql://u:pw@db/x"
+    assert tuning.run_workers(1, target=_record_worker, storage_url=url, out=str(tmp_path / "seen.json")) == 0
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert "pw" not in " ".join(seen["argv"]) and seen["storage"] == url  # through the pipe, not argv
+    assert seen["env"] is None and seen["threads"] == str(os.cpu_count() or 1)
+    assert os.environ.get("OPTUNA_STORAGE") is None and "OMP_NUM_THREADS" not in os.environ

@@ -43,18 +43,16 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import random
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from datadream.config import DataConfig
-from datadream.data.imagefolder import SPLITS, DatasetIndex, scan_imagefolder
+from datadream.data.imagefolder import SPLITS, DatasetIndex, carve_splits, scan_imagefolder
 from datadream.data.images import IMAGE_SUFFIXES
 from datadream.data.manifest import ClassInfo, control_characters, slugify
 from datadream.errors import UserError
 from datadream.io import read_json
-from datadream.runtime import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +166,7 @@ def _build(root: Path, names: list[tuple[str, str]], entries: Entries, data: Dat
         splits[split] = {k: sorted(set(v)) for k, v in per.items()}
     if not any(splits.get("train", {}).values()):
         raise UserError(f"{source}: the train split is empty")
-    carved = []
-    for split, frac in (("test", data.test_fraction), ("val", data.val_fraction)):
-        if split in splits:
-            continue
-        carved.append(split)
-        splits[split] = {}
-        for c in classes:
-            pool = list(splits["train"][c.slug])
-            random.Random(derive_seed(data.split_seed, split, c.slug)).shuffle(pool)
-            n = round(frac * len(pool))
-            splits[split][c.slug] = sorted(pool[:n])
-            splits["train"][c.slug] = sorted(pool[n:])
+    carved = carve_splits(splits, classes, data)
     return DatasetIndex(root, classes, {s: splits[s] for s in SPLITS}, ignored, carved)
 
 

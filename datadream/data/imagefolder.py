@@ -53,6 +53,25 @@ def _images(folder: Path) -> tuple[list[Path], int]:
     return images, len(files) - len(images)
 
 
+def carve_splits(splits: dict[str, dict[str, list[Path]]], classes: list[ClassInfo], data: DataConfig) -> list[str]:
+    """Carve each missing split (test, then val) out of train, per class, in place; returns the carved
+    splits. The draw depends only on (data.split_seed, split, class): every dataset format carves alike,
+    and a re-run carves the same images."""
+    carved = []
+    for split, frac in (("test", data.test_fraction), ("val", data.val_fraction)):
+        if split in splits:
+            continue
+        carved.append(split)
+        splits[split] = {}
+        for c in classes:
+            pool = list(splits["train"][c.slug])
+            random.Random(derive_seed(data.split_seed, split, c.slug)).shuffle(pool)
+            n = round(frac * len(pool))
+            splits[split][c.slug] = sorted(pool[:n])
+            splits["train"][c.slug] = sorted(pool[n:])
+    return carved
+
+
 def scan_imagefolder(root: str | Path, data: DataConfig) -> DatasetIndex:
     root = Path(root)
     if not root.is_dir():
@@ -96,18 +115,7 @@ def scan_imagefolder(root: str | Path, data: DataConfig) -> DatasetIndex:
             splits[split][c.slug] = imgs
             ignored += skipped
 
-    carved = []
-    for split, frac in (("test", data.test_fraction), ("val", data.val_fraction)):
-        if split in splits:
-            continue
-        carved.append(split)
-        splits[split] = {}
-        for c in classes:
-            pool = list(splits["train"][c.slug])
-            random.Random(derive_seed(data.split_seed, split, c.slug)).shuffle(pool)
-            n = round(frac * len(pool))
-            splits[split][c.slug] = sorted(pool[:n])
-            splits["train"][c.slug] = sorted(pool[n:])
+    carved = carve_splits(splits, classes, data)
     if ignored:
         log.info("ignored %d file(s) without an image suffix (%s)", ignored, ", ".join(sorted(IMAGE_SUFFIXES)))
     return DatasetIndex(root, classes, splits, ignored, carved)

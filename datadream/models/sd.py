@@ -222,6 +222,24 @@ def load_sd_components(models: ModelsConfig):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
+# What the adapter trainer's loss implements (the noise, or the velocity of v-prediction models).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(models: ModelsConfig) -> str:
+    """The model's training target from its scheduler config, checked before any training: a
+    `prediction_type` the trainer does not implement (e.g. "sample") is a UserError naming it."""
+    from diffusers import DDPMScheduler
+
+    src = resolve_sd(models)
+    kw = {"revision": models.sd_revision} if models.sd_revision else {}
+    prediction_type = DDPMScheduler.load_config(src, subfolder="scheduler", **kw).get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"models.sd {models.sd}: scheduler prediction_type {prediction_type!r} is not supported; "
+                        f"expected one of {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
 def load_sd_pipeline(models: ModelsConfig, dtype=None):
     from diffusers import StableDiffusionPipeline
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from datadream import tracking
 from datadream.artifacts import ADAPTERS_MARKER as MARKER
 from datadream.artifacts import Adapters
 from datadream.checkpoint import load_latest, save_checkpoint
@@ -47,7 +46,7 @@ from datadream.io import (
     sha256_json,
     writes_output,
 )
-from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
+from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics
 
 log = logging.getLogger(__name__)
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -104,6 +103,9 @@ def run(config: Config, fewshot_dir: str | os.PathLike, out: str | os.PathLike, 
     if check_output_dir(out, MARKER, fingerprint):
         log.info("adapt: %s already holds these adapters; nothing to do", out)
         return out
+    from datadream.models.sd import check_prediction_type
+
+    check_prediction_type(config.models)  # before the output folder is claimed
     # Kubernetes sends SIGTERM before killing a pod (spot preemption, eviction): checkpoint, then exit.
     # Only the main thread may install handlers; called from a worker thread, the stage runs without one.
     stop = {"requested": False}
@@ -188,7 +190,7 @@ def _train_units(config: Config, units: list[Unit], out: Path, stop: dict) -> No
     models = (tokenizer, text_encoder, vae, unet, noise_scheduler)
     # MLflow (when tracked): loss and lr per step; units follow each other on one step axis.
     offset = 0
-    with tracking.StepMetrics() as metrics:
+    with step_metrics() as metrics:
         for unit in tqdm(units, desc="adapt", unit="adapter"):
             if (out / unit.name / MARKER).exists():
                 log.info("adapt: %s already trained; skipping", unit.name)
@@ -252,7 +254,7 @@ def _optimizer_impl(device: torch.device) -> dict:
 
 
 def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path, stop,
-                metrics: tracking.StepMetrics, offset: int) -> None:
+                metrics, offset: int) -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.utils import convert_state_dict_to_diffusers

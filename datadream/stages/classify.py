@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from datadream import tracking
 from datadream.artifacts import CLASSIFIER_MARKER as MARKER
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
@@ -68,7 +67,14 @@ from datadream.models.clip import (
     set_lora_state,
     trim_tokens,
 )
-from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, seed_everything
+from datadream.runtime import (
+    autocast_dtype,
+    derive_seed,
+    generator,
+    resolve_device,
+    seed_everything,
+    step_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +447,7 @@ def run(
                     inputs["val"])
 
     # MLflow (when tracked): per-step loss and lr on the step axis; per-epoch figures with step = epoch.
-    metrics = tracking.StepMetrics()
+    metrics = step_metrics()
     if start == 0:
         metrics.add({"val_top1": history[0]["val_top1"]}, 0)
 

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datadream import tracking
 from datadream.artifacts import SYNTHETIC_MARKER as MARKER
 from datadream.artifacts import Adapters
 from datadream.config import Config
@@ -49,7 +48,7 @@ from datadream.io import (
     sha256_json,
     writes_output,
 )
-from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device
+from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics
 from datadream.stages.adapt import verify_adapters
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def run(
     records: list[Record] = []
     made, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(classes) * cfg.images_per_class, desc="generate", unit="img")
-    metrics = tracking.StepMetrics()  # MLflow (when tracked): throughput after each class, step = images made
+    metrics = step_metrics()  # MLflow (when tracked): throughput after each class, step = images made
     # Assessment (assess.enabled): the frozen base CLIP embeds each image once, right after its class is made;
     # the filter (assess.filter) drops images and makes replacements while the class's adapter is loaded.
     judge = _Assessment(config, fewshot_dir, classes, index, out) if config.assess.enabled else None
