@@ -47,6 +47,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from datadream.artifacts import ADAPTERS_MARKER, CLASSIFIER_MARKER
 from datadream.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,10 @@ _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
 _VERSION = re.compile(r"[1-9][0-9]*")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _MODEL_CODE = _PACKAGE_DIR / "serving" / "classifier_model.py"
-_CLASSIFIER_FILES = ("lora.safetensors", "head.safetensors", "classifier.json")
+_CLASSIFIER_FILES = ("lora.safetensors", "head.safetensors", CLASSIFIER_MARKER)
 _OPEN_CLIP_PREFERRED = {"open_clip_model.safetensors": 0, "open_clip_pytorch_model.safetensors": 1,
                         "model.safetensors": 2}
-_ADAPTER_INDEX = "adapter.json"
+_ADAPTER_INDEX = ADAPTERS_MARKER
 _ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -364,7 +365,7 @@ def register_classifier(
 
     model_name = classifier_name(name)
     folder = Path(classifier_dir)
-    meta = _read_json(folder / "classifier.json", "classify")
+    meta = _read_json(folder / CLASSIFIER_MARKER, "classify")
     for file in _CLASSIFIER_FILES:
         if not (folder / file).is_file():
             raise UserError(f"{folder}: no {file}; not a finished classify output")

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from datadream.artifacts import FEWSHOT_MARKER
 from datadream.data.images import ImageRejected, load_rgb
 from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest, verify_records
 from datadream.errors import UserError
@@ -211,7 +212,7 @@ def run_facts(fewshot_dir: str | os.PathLike | None = None, **facts: Any) -> dic
     from datadream.tracking import code_version
 
     out: dict[str, Any] = {}
-    marker = Path(fewshot_dir) / "fewshot.json" if fewshot_dir is not None else None
+    marker = Path(fewshot_dir) / FEWSHOT_MARKER if fewshot_dir is not None else None
     if marker is not None and marker.is_file():
         summary = json.loads(marker.read_text(encoding="utf-8"))
         out.update({k: summary.get(k) for k in ("dataset", "shots", "seed")})

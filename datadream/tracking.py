@@ -621,7 +621,7 @@ def log_text(text: str, name: str, run_id: str | None = None) -> None:
 
 
 def log_json(obj: Any, name: str, run_id: str | None = None) -> None:
-    """`obj` as the JSON artifact `name` (e.g. "metrics.json" or "eval/confusion.json")."""
+    """`obj` as the JSON artifact `name` (e.g. "results.json" or "eval/confusion.json")."""
     if (target := _target(run_id)) is None:
         return
     _client().log_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", name)
