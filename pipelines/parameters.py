@@ -53,6 +53,8 @@ RUN = (
     Parameter("promote_margin", float, 0.0, "The gate: a new classifier becomes champion only if its test top-1 "
               "beats the champion's by more than this."),
     Parameter("promote_floor", float, 0.0, "The gate: the least test top-1 a champion must have."),
+    Parameter("deploy", bool, False, "When the gate promotes, serve the new champion on the cluster (datadream "
+              "registry deploy); if the rollout fails, the champion moves back."),
 )
 
 # The search's own parameters; the others are the datadream pipeline's, for the trials and the final run.
