@@ -239,24 +239,33 @@ def evaluate(
         metrics.log_metric(name, float(result.meta[name]))
     confusion.log_confusion_matrix(result.meta["classes"], result.meta["confusion"])
     steps.summarize([scores.path], synthetic.path, fewshot_set.path, report.path,
-                    title=f"DataDream — {result.setting()['label']}")
+                    title=f"DataDream — {result.setting()['label']}",
+                    run={"mode": mode, "gate": "decided after every classifier is evaluated (the run's summary)"})
 
 
-def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_set: Input[Dataset],
-              mlflow_run: str, report: Output[HTML]):
-    """One report for the run: every classifier's results side by side, and the synthetic samples.
+def summarize(scores: Input[list[Artifact]], synthetic: Input[Dataset], fewshot_set: Input[Dataset], mode: str,
+              decision: str, classifier_version: str, kfp_run_id: str, mlflow_run: str, report: Output[HTML]):
+    """One report for the run: its facts and gate decision, every classifier's results side by side,
+    confusion matrices and the synthetic samples; each classifier's test accuracy on the parent run.
 
     Args:
         scores: the evaluate steps' scores.
         synthetic: the gathered SyntheticSet.
-        fewshot_set: the FewShotSet.
-        mlflow_run: the parent MLflow run; the report is logged to it as report.html ("" = untracked).
-        report: results table, per-class accuracy, confusion matrix and sample grid.
+        fewshot_set: the FewShotSet (dataset, shots and seed for the report).
+        mode: the adaptation mode.
+        decision: the register step's gate decision ("skipped" when nothing was registered).
+        classifier_version: the registered classifier version ("" when none).
+        kfp_run_id: the KFP run.
+        mlflow_run: the parent MLflow run; the report is logged to it as report.html and each classifier's
+            test top-1/top-5 as its metrics ("" = untracked).
+        report: run facts, results table, per-class accuracy, confusion matrices and sample grid.
     """
     from datadream import steps
 
     steps.summarize([s.path for s in scores], synthetic.path, fewshot_set.path, report.path,
-                    steps.Tracking(mlflow_run, standalone=False))
+                    steps.Tracking(mlflow_run, standalone=False),
+                    run={"mode": mode, "gate": decision, "classifier_version": classifier_version or None,
+                         "kfp_run_id": kfp_run_id, "mlflow_run_id": mlflow_run or None})
 
 
 def register(

@@ -2,7 +2,7 @@
 
 Both return a `matplotlib.figure.Figure` built without pyplot (no global state, no GUI backend: a
 bare Figure renders with Agg), so tasks running in threads or on headless nodes can draw them.
-`png_bytes` renders one; `tracking.log_figure` logs one to MLflow and `report` embeds them.
+`png_bytes` renders one, `image` makes it a PIL image for `tracking.log_image`; `report` embeds them.
 Class names come from users: `$` is escaped so matplotlib draws them as plain text, never mathtext.
 """
 
@@ -95,3 +95,10 @@ def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def image(fig: Figure):
+    """The figure as a PIL image (e.g. for `tracking.log_image`)."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png_bytes(fig)))

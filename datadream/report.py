@@ -189,13 +189,6 @@ def _png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def confusion_image(labels: list[str], counts: list[list[int]], title: str = "Confusion matrix") -> Image.Image:
-    """The confusion matrix plot (`plots.confusion_matrix`) as a PIL image, e.g. for `tracking.log_image`."""
-    from datadream import plots
-
-    return Image.open(io.BytesIO(plots.png_bytes(plots.confusion_matrix(labels, counts, title))))
-
-
 # ------------------------------------------------------------------------------------------- contents
 
 # The run's facts at the top of the page: (key in `run`, label); the first six are always shown.

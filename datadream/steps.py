@@ -172,7 +172,7 @@ def start_pipeline(config: Config, experiment: str, kfp_run_id: str, dataset: st
     parent = tracking.start_pipeline_run(
         experiment, {"kfp.run_id": kfp_run_id, "git_sha": tracking.code_version(),
                      "config_hash": sha256_json(config.to_dict()), "dataset": dataset, "mode": mode},
-        run_name=f"datadream-{kfp_run_id[:12]}" if kfp_run_id else None)
+        run_name=tracking.pipeline_run_name(mode, kfp_run_id))
     tracking.log_config(config, parent)
     return parent
 
@@ -305,14 +305,19 @@ def evaluate(config: Config, classifier: str | os.PathLike, fewshot_set: str | o
         stage.run(config, Classifier.open(classifier).path, fs.manifest(split), out)
         result = Metrics.open(out)
         if run:
-            from datadream.report import confusion_image
+            from datadream import plots
 
             m, names = result.meta, fs.names()
             labels = [names.get(c, c) for c in m["classes"]]
+            what = (tags or {}).get("train_on", name)
             run.metrics({f"{split}_{k}": m[k] for k in ("top1", "top5", "mean_per_class")})
             run.table({"class": labels, f"{split}_images": [m["per_class_n"][c] for c in m["classes"]],
                        "accuracy": [m["per_class"][c] for c in m["classes"]]}, "per_class.json")
-            run.image(lambda: confusion_image(labels, m["confusion"]), "confusion_matrix.png")
+            run.image(lambda: plots.image(plots.confusion_matrix(
+                labels, m["confusion"], f"Confusion matrix: {what} ({split} split)")), "confusion_matrix.png")
+            run.image(lambda: plots.image(plots.per_class_accuracy(
+                labels, {what: [m["per_class"][c] for c in m["classes"]]}, f"Per-class {split} accuracy: {what}")),
+                "per_class_accuracy.png")
             run.file(result.marker)
             run.file(result.confusion_csv)
     return result
@@ -341,17 +346,24 @@ def report_results(scores: list[Metrics]) -> list[dict]:
 
 
 def summarize(scores: list[str | os.PathLike], synthetic: str | os.PathLike, fewshot_set: str | os.PathLike,
-              report: str | os.PathLike, tracking: Tracking = UNTRACKED, title: str = "DataDream run") -> list[dict]:
-    """One HTML report with every classifier side by side and the synthetic samples; logged to the parent run."""
-    from datadream.report import render_html, write_report
+              report: str | os.PathLike, tracking: Tracking = UNTRACKED, title: str = "DataDream run",
+              run: Mapping[str, Any] | None = None) -> list[dict]:
+    """One HTML report with the run's facts (`run`: mode, gate, …; dataset, shots, seed and git sha are
+    read here), every classifier side by side and the synthetic samples; logged to the parent run, with
+    each classifier's test top-1/top-5 as the parent's metrics."""
+    from datadream.report import render_html, run_facts, write_report
 
-    results = report_results([Metrics.open(s) for s in scores])
-    html = render_html(title, results, synthetic_dir=synthetic, fewshot_dir=fewshot_set)
+    metrics = [Metrics.open(s) for s in scores]
+    results = report_results(metrics)
+    html = render_html(title, results, synthetic_dir=synthetic, fewshot_dir=fewshot_set,
+                       run=run_facts(fewshot_set, **(run or {})))
     write_report(report, html)
     if tracking.parent:
         from datadream import tracking as mlflow_tracking
 
         mlflow_tracking.check_tracking()
+        mlflow_tracking.log_final_metrics(mlflow_tracking.result_metrics(
+            [{"train_on": m.setting()["train_on"], **m.meta} for m in metrics]), tracking.parent)
         mlflow_tracking.log_text(html, "report.html", run_id=tracking.parent)  # the MLflow UI renders .html
         mlflow_tracking.log_json([{"setting": r["setting"], **{k: r["metrics"][k] for k in
                                                                ("top1", "top5", "mean_per_class")}}

@@ -69,7 +69,7 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
                          "classifier": str(next(scores.parent.parent.glob("classify*/classifier")))})
     rows.sort(key=lambda r: ORDER.index(r.pop("key")))
     results = {"out": str(out), "rows": rows, "runs": [str(r) for r in runs],
-               "reports": [str(p) for r in runs for p in r.glob("summarize*/report")],
+               "reports": [str(r / "report.html") for r in runs if (r / "report.html").is_file()],
                "wall_s": round(time.perf_counter() - t0, 1), "engine": "kfp.local SubprocessRunner"}
     atomic_write_json(out / "results.json", results)
     return results

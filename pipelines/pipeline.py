@@ -41,7 +41,7 @@ def build_pipeline(settings: ClusterSettings | None = None):
     ops = components.build(image)
 
     def tail(fs, synthetic, adapters, mode: str, p: dict):
-        """classify + evaluate for each requested training set, a summary report, registration."""
+        """classify + evaluate for each requested training set, registration, a summary report."""
         train_on, preset, config = p["train_on"], p["preset"], p["config"]
         clip_model, clip_pretrained = p["clip_model"], p["clip_pretrained"]
         mlflow_run = fs.outputs["mlflow_run"]
@@ -52,8 +52,6 @@ def build_pipeline(settings: ClusterSettings | None = None):
             ev = on_cpu(ops.evaluate(fewshot_set=fs.outputs["fewshot_set"], classifier=clf.outputs["classifier"],
                                      synthetic=synthetic, train_on=setting, mode=mode, preset=preset,
                                      config=config, mlflow_run=mlflow_run), s)
-        on_cpu(ops.summarize(scores=dsl.Collected(ev.outputs["scores"]), synthetic=synthetic,
-                             fewshot_set=fs.outputs["fewshot_set"], mlflow_run=mlflow_run), s)
         reg = on_cpu(ops.register(
             fewshot_set=fs.outputs["fewshot_set"], adapters=adapters, scores=dsl.Collected(ev.outputs["scores"]),
             register_name=p["register_name"], dataset=p["dataset"], data_hash=fs.outputs["data_hash"], mode=mode,
@@ -61,6 +59,11 @@ def build_pipeline(settings: ClusterSettings | None = None):
             clip_pretrained=clip_pretrained, promote_margin=p["promote_margin"], promote_floor=p["promote_floor"],
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_run=mlflow_run, deploy=p["deploy"],
             serving_image=image, serving_namespace=s.serving_namespace), s)
+        # The summary comes last: its report carries the gate's decision.
+        on_cpu(ops.summarize(scores=dsl.Collected(ev.outputs["scores"]), synthetic=synthetic,
+                             fewshot_set=fs.outputs["fewshot_set"], mode=mode, decision=reg.outputs["decision"],
+                             classifier_version=reg.outputs["classifier_version"],
+                             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_run=mlflow_run), s)
         reg.set_caching_options(False)  # a side effect in the registry: never replayed from cache
 
     def datadream(**p):
@@ -192,4 +195,7 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")
+    from datadream.report import publish_local_reports
+
+    publish_local_reports(new[-1])  # report.html copies a browser opens (KFP names the artifacts `report`)
     return new[-1]

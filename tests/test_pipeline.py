@@ -1,6 +1,7 @@
 """The compiled `datadream` pipeline (IR), its kfp.local run, and the `datadream pipeline` commands."""
 
 import json
+import re
 from pathlib import Path
 
 import kfp
@@ -225,8 +226,12 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     for metrics in run.glob("for-loop-*/evaluate/scores/metrics.json"):
         m = json.loads(metrics.read_text())
         assert m["n"] == 96 and sum(map(sum, m["confusion"])) == 96
-    report = (run / "summarize" / "report").read_text()
-    assert "zero-shot" in report and "data:image/png;base64," in report
+    report = (run / "report.html").read_text()  # the summary, with a name and mode a browser opens
+    assert report == (run / "summarize" / "report").read_text()
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in [run / "report.html", *run.glob("**/evaluate/report.html")])
+    assert "<td>nothing (zero-shot)</td>" in report and "data:image/png;base64," in report
+    assert '<th>adaptation</th><td class="text">class-wise' in report and "<th>shots per class</th>" in report
+    assert re.search(r'<td class="text promoted">promoted: no champion yet', report)  # the gate's decision
     # Registered in the MLflow store the steps inherit ($MLFLOW_TRACKING_URI): the first classifier
     # version passes the gate (no champion yet); both models carry lineage tags.
     import mlflow
@@ -248,6 +253,9 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     parents = client.search_runs([experiment.experiment_id], "tags.`datadream.kind` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    assert parent.info.run_name == f"datadream class-wise {parent.data.tags['kfp.run_id'][:8]}"
+    assert set(parent.data.metrics) == {f"test_{k}/{s}" for k in ("top1", "top5")
+                                        for s in ("synthetic-real", "zero-shot")}  # the runs table's columns
     assert champion.tags["mlflow_run_id"] == parent.info.run_id
     assert parent.data.tags["kfp.run_id"] == champion.tags["kfp_run_id"] and len(parent.data.tags["data_hash"]) == 64
     assert parent.data.params["adapt.rank"] and parent.data.params["generate.images_per_class"] == "2"
@@ -277,8 +285,8 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     assert "Synthetic set quality" in report
     ev = children["evaluate synthetic+real"]
     assert 0 <= ev.data.metrics["test_top1"] <= 1
-    assert {a.path for a in client.list_artifacts(ev.info.run_id)} >= {"confusion_matrix.png", "per_class.json",
-                                                                      "metrics.json"}
+    assert {a.path for a in client.list_artifacts(ev.info.run_id)} >= {
+        "confusion_matrix.png", "per_class_accuracy.png", "per_class.json", "metrics.json"}
     clf = children["classify synthetic+real"]
     assert [m.step for m in client.get_metric_history(clf.info.run_id, "val_top1")] == [0, 1]
 
