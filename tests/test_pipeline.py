@@ -254,7 +254,7 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.info.run_name == f"datadream class-wise {parent.data.tags['kfp.run_id'][:8]}"
-    assert set(parent.data.metrics) == {f"test_{k}/{s}" for k in ("top1", "top5")
+    assert set(parent.data.metrics) >= {f"test_{k}/{s}" for k in ("top1", "top5")
                                         for s in ("synthetic-real", "zero-shot")}  # the runs table's columns
     assert champion.tags["mlflow_run_id"] == parent.info.run_id
     assert parent.data.tags["kfp.run_id"] == champion.tags["kfp_run_id"] and len(parent.data.tags["data_hash"]) == 64
