@@ -16,7 +16,7 @@ from datadream import __version__
 # override it at compile time.
 DEFAULT_IMAGE = f"ghcr.io/datadream/datadream:{__version__}"
 STEPS = ("fewshot", "adapt", "generate", "gather", "gather_adapters", "classify", "evaluate", "summarize", "register",
-         "tune_prepare", "tune_worker", "tune_best")
+         "tune_prepare", "tune_worker", "tune_best", "finish")
 
 
 def image_reference() -> str:

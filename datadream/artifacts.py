@@ -34,6 +34,8 @@ FEWSHOT_MARKER = "fewshot.json"
 ADAPTERS_MARKER = "adapter.json"  # also the per-adapter metadata file inside each adapter folder
 SYNTHETIC_MARKER = "generate.json"
 CLASSIFIER_MARKER = "classifier.json"
+CLASSIFIER_LORA = "lora.safetensors"  # the best epoch's LoRA tensors
+CLASSIFIER_HEAD = "head.safetensors"  # the class head (text embeddings) and logit scale
 METRICS_MARKER = "metrics.json"
 
 CLASSES_FILE = "classes.json"
@@ -42,6 +44,8 @@ CONFUSION_FILE = "confusion.csv"
 SETTING_FILE = "setting.json"
 CLASSIFIER_COPY = "classifier"  # the classifier folder inside a pipeline's Metrics (register reads it)
 SPLITS = ("train", "val", "test")
+# Beside a step's output after a UserError: the one-line message, so a retry fails at once with it.
+USER_ERROR_NOTE = ".user-error"
 
 
 def split_manifest(folder: str | os.PathLike, split: str) -> Path:
@@ -170,8 +174,9 @@ class Metrics(_Artifact):
         """The classifier these metrics score, copied beside them by the pipeline's evaluate step."""
         return Classifier.open(self.path / CLASSIFIER_COPY)
 
-    def attach(self, classifier: Classifier, setting: dict[str, str]) -> None:
+    def attach(self, classifier: str | os.PathLike, setting: dict[str, str]) -> None:
         """Keep the scored classifier (a few MB: LoRA + head) and its label beside the metrics."""
+        classifier = Classifier.open(classifier)
         import shutil
 
         from datadream.io import atomic_write_json

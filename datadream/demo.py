@@ -2,7 +2,8 @@
 
 Runs fewshot -> {zero-shot, real-only} classifiers, and for each mode (class-wise, dataset-wise)
 adapt -> generate -> {synthetic-only, synthetic+real} classifiers, evaluating each on the test split.
-Every stage is the library's own `run`, so a re-run of a finished demo is a sequence of no-ops.
+Every stage runs as its step (datadream.steps), so a re-run of a finished demo is a sequence of no-ops,
+and with $MLFLOW_TRACKING_URI set every step logs its run as it does in the pipeline.
 """
 
 from __future__ import annotations
@@ -18,46 +19,48 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(config: Config, out: str | Path, dataset: str | None = None) -> dict:
+    from datadream import steps
     from datadream.data.demo import make_demo_dataset
-    from datadream.stages import adapt, classify, evaluate, fewshot, generate
 
     out = Path(out)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    tracking = steps.Tracking()  # each step's own MLflow run when $MLFLOW_TRACKING_URI is set
 
-    def timed(name, fn, *a):
+    def timed(name, fn, *a, **kw):
         t = time.perf_counter()
-        result = fn(*a)
+        result = fn(*a, **kw)
         timings[name] = round(time.perf_counter() - t, 2)
         return result
 
     if dataset is None:  # else an ImageFolder, local or s3:// (fewshot mirrors it)
         dataset = timed("dataset", make_demo_dataset, out / "dataset", config.run.seed)
-    fs = timed("fewshot", fewshot.run, config, dataset, out / "fewshot")
-    test = fs / "test.jsonl"
+    fs = timed("fewshot", steps.fewshot, config, dataset, out / "fewshot", tracking)
     rows = []
 
     def train_and_eval(label: str, cfg: Config, synthetic: Path | None, name: str) -> None:
-        clf = timed(f"classify {name}", classify.run, cfg, fs, synthetic, out / "classifiers" / name)
-        metrics = timed(f"evaluate {name}", evaluate.run, cfg, clf, test, out / "metrics" / name)
-        rows.append({"setting": label, "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"],
-                     "classifier": str(clf), "metrics": str(out / "metrics" / name / "metrics.json")})
+        clf = timed(f"classify {name}", steps.classify, cfg, fs.path, synthetic, out / "classifiers" / name,
+                    tracking, name=f"classify {name}")
+        metrics = timed(f"evaluate {name}", steps.evaluate, cfg, clf.path, fs.path, out / "metrics" / name,
+                        tracking=tracking, name=f"evaluate {name}")
+        rows.append({"setting": label, "top1": metrics.meta["top1"], "top5": metrics.meta["top5"],
+                     "n": metrics.meta["n"], "classifier": str(clf), "metrics": str(metrics.marker)})
 
     def with_(**sections) -> Config:
         return config.model_copy(update={k: getattr(config, k).model_copy(update=v) for k, v in sections.items()})
 
-    train_and_eval("zero-shot", with_(classify={"epochs": 0, "train_on": "real"}), None, "zero-shot")
-    train_and_eval("real only", with_(classify={"train_on": "real"}), None, "real")
+    train_and_eval("zero-shot", steps.classify_config(config, "zero-shot"), None, "zero-shot")
+    train_and_eval("real only", steps.classify_config(config, "real"), None, "real")
     for mode in ("class", "dataset"):
         cfg = with_(adapt={"mode": mode})
-        adapters = timed(f"adapt {mode}", adapt.run, cfg, fs, out / f"adapters-{mode}")
-        synthetic = timed(f"generate {mode}", generate.run, cfg, fs, adapters, out / f"synthetic-{mode}")
+        adapters = timed(f"adapt {mode}", steps.adapt, cfg, fs.path, out / f"adapters-{mode}", tracking=tracking)
+        synthetic = timed(f"generate {mode}", steps.generate, cfg, fs.path, adapters.path, out / f"synthetic-{mode}",
+                          tracking=tracking)
         for train_on in ("synthetic", "synthetic+real"):
             name = f"{train_on.replace('+', '-')}-{mode}"
-            train_and_eval(f"{train_on} ({mode}-wise)", with_(adapt={"mode": mode}, classify={"train_on": train_on}),
-                           synthetic, name)
+            train_and_eval(f"{train_on} ({mode}-wise)", steps.classify_config(cfg, train_on), synthetic.path, name)
 
-    report = timed("report", write_demo_report, out, fs, rows)
+    report = timed("report", write_demo_report, out, fs.path, rows)
     results = {"out": str(out), "rows": rows, "report": str(report), "timings_s": timings,
                "wall_s": round(time.perf_counter() - t0, 1), "config": config.to_dict()}
     atomic_write_json(out / "results.json", results)
@@ -67,11 +70,12 @@ def run_demo(config: Config, out: str | Path, dataset: str | None = None) -> dic
 
 def write_demo_report(out: Path, fewshot_dir: Path, rows: list[dict]) -> Path:
     """`out`/report.html: every classifier of the demo side by side, with the class-wise samples."""
+    from datadream.artifacts import Classifier
     from datadream.io import read_json
     from datadream.report import render_html, run_facts, write_report
 
     results = [{"setting": r["setting"], "metrics": read_json(r["metrics"]),
-                "classifier": read_json(Path(r["classifier"]) / "classifier.json")} for r in rows]
+                "classifier": Classifier.open(r["classifier"]).meta} for r in rows]
     facts = run_facts(fewshot_dir, mode="class-wise and dataset-wise (both, one row each)",
                       gate="none: the in-process demo registers nothing")
     path = out / "report.html"

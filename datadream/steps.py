@@ -162,6 +162,11 @@ class StepRun:
 UNTRACKED = Tracking(standalone=False)
 
 
+def in_pipeline(parent: str | None) -> Tracking:
+    """A pipeline step's tracking: under the pipeline's parent run, else (an untracked pipeline) nowhere."""
+    return Tracking(parent or None, standalone=False)
+
+
 def start_pipeline(config: Config, experiment: str, kfp_run_id: str, dataset: str, mode: str) -> str:
     """Open (or re-attach to) the pipeline's parent MLflow run; checks the tracking store first, so an
     unreachable server is reported before any GPU work. Returns its id."""
@@ -182,6 +187,106 @@ def finish_pipeline(parent: str, status: str = "FINISHED") -> None:
 
     tracking.check_tracking()
     tracking.finish_pipeline_run(parent, status)
+
+
+# --- failures -----------------------------------------------------------------------------------------
+
+
+def _note_of(output_uri: str) -> str | None:
+    """Where the user-error note of an output lives: beside it, on S3 or on disk (None: nowhere we can write)."""
+    from datadream.artifacts import USER_ERROR_NOTE
+
+    uri = str(output_uri or "").rstrip("/")
+    if not uri:
+        return None
+    if uri.startswith("s3://") or "://" not in uri:
+        return uri + USER_ERROR_NOTE
+    return None  # another object store (gs://, minio://): not ours to write
+
+
+def _read_note(note: str) -> str | None:
+    from datadream import storage
+
+    if storage.is_s3(note):
+        parent, _, name = note.rpartition("/")
+        return storage.read_bytes(note).decode("utf-8").strip() if storage.exists(parent, name) else None
+    path = Path(note)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def _write_note(note: str, line: str) -> None:
+    from datadream import storage
+    from datadream.io import atomic_write_text
+
+    if storage.is_s3(note):
+        storage.write_bytes(note, (line + "\n").encode("utf-8"))
+    else:
+        atomic_write_text(note, line + "\n")
+
+
+@contextlib.contextmanager
+def final_user_errors(output_uri: str) -> Iterator[None]:
+    """Make a `UserError` of the block final for the retries of an orchestrator (KFP's retry policy
+    cannot tell exit codes apart): its one-line message is written beside the step's output
+    (`<output uri>.user-error`, on the pipeline root), and a retry that finds the note fails at once
+    with the same line instead of redoing minutes of GPU work on the same bad input."""
+    note = _note_of(output_uri)
+    if note is not None:
+        previous = _read_note(note)
+        if previous:
+            log.error("an earlier attempt of this step failed on bad input; not retrying it")
+            raise UserError(previous)
+    try:
+        yield
+    except UserError as e:
+        if note is not None:
+            try:
+                _write_note(note, (str(e).strip().splitlines() or [""])[0])
+            except Exception:  # the user's error matters more than the note
+                log.warning("could not write %s", note, exc_info=True)
+        raise
+
+
+def user_error_notes(folder: str | os.PathLike) -> list[str]:
+    """The user-error notes under a local run folder (kfp.local), oldest first."""
+    from datadream.artifacts import USER_ERROR_NOTE
+
+    notes = sorted(Path(folder).rglob(f"*{USER_ERROR_NOTE}"), key=lambda p: p.stat().st_mtime)
+    return [n.read_text(encoding="utf-8").strip() for n in notes]
+
+
+def close_pipeline(experiment: str, kfp_run_id: str, state: str) -> str | None:
+    """The pipeline's last word to MLflow (its exit handler): the parent run of `kfp_run_id` in
+    `experiment` ends FINISHED when the pipeline succeeded, else FAILED, tagged with the steps that
+    failed (`datadream.failed_steps`) and their first error; no RUNNING parent run is left behind.
+    Returns the run's id (None when the pipeline opened none, e.g. it failed before its first step)."""
+    from mlflow import MlflowClient
+
+    from datadream import tracking
+
+    if not experiment or not kfp_run_id:
+        return None
+    tracking.check_tracking()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], f"tags.`{tracking.KFP_RUN_TAG}` = '{kfp_run_id}' and "
+                                                     f"tags.`{tracking.KIND_TAG}` = 'pipeline'")
+    for run in runs:
+        run_id = run.info.run_id
+        if state == "SUCCEEDED":
+            if run.info.status == "RUNNING":
+                tracking.finish_pipeline_run(run_id, "FINISHED")
+            continue
+        failed = client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                                           "attributes.status = 'FAILED'")
+        names = sorted(r.data.tags.get(tracking.STAGE_TAG, r.info.run_name or "") for r in failed)
+        first = next((r.data.tags[tracking.ERROR_TAG] for r in failed if tracking.ERROR_TAG in r.data.tags), "")
+        tracking.set_tags({"datadream.failed_steps": ", ".join(names) or "(none tracked)",
+                           tracking.ERROR_TAG: first or f"pipeline {state.lower()}"}, run_id)
+        tracking.finish_pipeline_run(run_id, "FAILED")
+    return runs[0].info.run_id if runs else None
 
 
 # --- the steps ----------------------------------------------------------------------------------------

@@ -443,6 +443,54 @@ def prepare(config: Config, dataset: str, study: str, storage_url: str, fewshot_
     return steps.fewshot(config, dataset, fewshot_out, demo_work=work)  # a no-op when it exists
 
 
+def pipeline_prepare(preset: str, config_text: str, overrides: list[str], dataset: str, study: str, storage: str,
+                     workers: int, register_name: str, fewshot_out: str | os.PathLike) -> tuple[str, list[str]]:
+    """The `datadream-tune` pipeline's first step: `prepare`, then the config text the workers share
+    (`config_text` with the pipeline's parameters folded in) and the worker list of the fan-out."""
+    import yaml
+
+    from datadream import steps
+    from datadream.config import layered_overrides
+
+    config = steps.resolve_config(preset, config_text, overrides)  # bad settings fail here, before any GPU
+    if workers < 1:
+        raise UserError(f"workers {workers}: expected at least 1")
+    prepare(config, dataset, study, storage_from(storage), fewshot_out, f"{register_name}-tune" if register_name
+            else None)
+    run_config = deep_merge(yaml.safe_load(config_text) or {}, layered_overrides([], overrides))
+    return yaml.safe_dump(run_config, sort_keys=True), [str(i) for i in range(workers)]
+
+
+def pipeline_best(study: str, storage: str, preset: str, run_config: str, best: str | os.PathLike):
+    """The `datadream-tune` pipeline's last search step: best.yaml (the best settings alone) and the
+    run's config with them layered on, for the final datadream run; returns (config, study)."""
+    import yaml
+
+    from datadream import steps
+
+    config = steps.resolve_config(preset, run_config)
+    s = load_study(study, storage_from(storage), config)
+    path = write_best(s, config, best)
+    merged = deep_merge(yaml.safe_load(run_config) or {}, yaml.safe_load(path.read_text()))
+    return yaml.safe_dump(merged, sort_keys=True), s
+
+
+def pipeline_worker(study: str, storage: str, trials: int, worker: str, register_name: str, preset: str,
+                    run_config: str, fewshot_dir: str | os.PathLike) -> int:
+    """One worker task of the `datadream-tune` pipeline: `work` with the campaign's settings, its trial
+    folders under $DATADREAM_WORK (else the temp folder) / datadream-tune / <study>."""
+    import tempfile
+
+    from datadream import steps
+
+    config = steps.resolve_config(preset, run_config)
+    work_dir = Path(os.environ.get("DATADREAM_WORK") or tempfile.gettempdir()) / "datadream-tune" / study
+    ran = work(study, storage_from(storage), config, fewshot_dir, work_dir,
+               f"{register_name}-tune" if register_name else None, trials)
+    log.info("tune worker %s: ran %d trial(s)", worker, ran)
+    return ran
+
+
 def work(study: str, storage_url: str, config: Config, fewshot_dir: str | os.PathLike, work_dir: str | os.PathLike,
          experiment: str | None, trials: int) -> int:
     """One worker: run trials until the study holds `trials` finished ones; returns how many it ran."""

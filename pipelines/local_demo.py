@@ -5,15 +5,16 @@ baselines plus synthetic and synthetic+real classifiers, then dataset-wise with 
 ones — and the results table of `datadream.demo`, read from the evaluate steps' outputs.
 """
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import yaml
 
+from datadream.artifacts import Metrics
 from datadream.config import Config, layered_overrides
 from datadream.io import atomic_write_json
+from pipelines import parameters
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,8 @@ LABELS = {"real": "real only"}
 def pipeline_arguments(config: Config, preset: str, overrides_yaml: str, dataset: str, mode: str,
                        train_on: list[str]) -> dict:
     """The pipeline parameters that reproduce `config` (the rest travels in the config YAML)."""
-    return {
-        "dataset": dataset, "shots": config.fewshot.shots, "seed": config.fewshot.seed, "mode": mode,
-        "images_per_class": config.generate.images_per_class, "train_on": train_on, "gpus": 1,
-        "sd_model": config.models.sd, "clip_model": config.models.clip,
-        "clip_pretrained": config.models.clip_pretrained or "", "preset": preset, "config": overrides_yaml,
-    }
+    return {**parameters.from_config(config), "dataset": dataset, "mode": mode, "train_on": train_on, "gpus": 1,
+            "preset": preset, "config": overrides_yaml}
 
 
 def overrides_to_yaml(files: list[str], overrides: list[str]) -> str:
@@ -61,11 +58,11 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
     rows = []
     for run in runs:
         for scores in sorted(run.glob("**/evaluate*/scores")):  # "evaluate-2" in the second branch
-            setting = json.loads((scores / "setting.json").read_text())
-            metrics = json.loads((scores / "metrics.json").read_text())
+            result = Metrics.open(scores)
+            setting, metrics = result.setting(), result.meta
             rows.append({"setting": LABELS.get(setting["label"], setting["label"]), "key": setting["label"],
                          "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"],
-                         "metrics": str(scores / "metrics.json"),
+                         "metrics": str(result.marker),
                          "classifier": str(next(scores.parent.parent.glob("classify*/classifier")))})
     rows.sort(key=lambda r: ORDER.index(r.pop("key")))
     results = {"out": str(out), "rows": rows, "runs": [str(r) for r in runs],

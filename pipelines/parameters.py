@@ -99,6 +99,18 @@ def config_overrides(**values: Any) -> list[str]:
     return out
 
 
+def from_config(config) -> dict[str, Any]:
+    """The values of the parameters that set a config key, read from `config` (a datadream Config)."""
+    data = config.to_dict()
+    out = {}
+    for p in RUN:
+        if p.setting is not None:
+            section, key = p.setting.split(".")
+            value = data[section][key]
+            out[p.name] = "" if value is None else value
+    return out
+
+
 def docstring(summary: str, params: tuple[Parameter, ...]) -> str:
     """The pipeline's docstring; KFP reads its "Args:" into the compiled IR's
     inputDefinitions.parameters.<name>.description, which the Kubeflow UI shows beside each parameter."""

@@ -69,35 +69,40 @@ def build_pipeline(settings: ClusterSettings | None = None):
     def datadream(**p):
         dataset, shots, seed, mode = p["dataset"], p["shots"], p["seed"], p["mode"]
         images_per_class, sd_model, preset, config = p["images_per_class"], p["sd_model"], p["preset"], p["config"]
-        fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=p["gpus"], mode=mode,
-                                images_per_class=images_per_class, sd_model=sd_model, clip_model=p["clip_model"],
-                                clip_pretrained=p["clip_pretrained"],
-                                register_name=p["register_name"], kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                preset=preset, config=config), s)
-        fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
-        fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
-        shard_list = fs.outputs["shard_list"]
-        run_id = fs.outputs["mlflow_run"]
-        common = {"preset": preset, "config": config, "mlflow_run": run_id}
+        # The exit handler runs whatever happens inside: it closes the MLflow parent run (FAILED, naming the
+        # failed steps, when anything failed), so no run is left RUNNING.
+        finish = on_cpu(ops.finish(register_name=p["register_name"], kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), s)
+        finish.set_caching_options(False)
+        with dsl.ExitHandler(finish, name="run"):
+            fs = on_cpu(ops.fewshot(dataset=dataset, shots=shots, seed=seed, shards=p["gpus"], mode=mode,
+                                    images_per_class=images_per_class, sd_model=sd_model, clip_model=p["clip_model"],
+                                    clip_pretrained=p["clip_pretrained"],
+                                    register_name=p["register_name"], kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                    preset=preset, config=config), s)
+            fs.set_caching_options(False)  # reads a mutable dataset location; downstream caches on data_hash
+            fewshot_set, data_hash = fs.outputs["fewshot_set"], fs.outputs["data_hash"]
+            shard_list = fs.outputs["shard_list"]
+            run_id = fs.outputs["mlflow_run"]
+            common = {"preset": preset, "config": config, "mlflow_run": run_id}
 
-        with dsl.If(mode == "class", name="class-wise"):
-            with dsl.ParallelFor(shard_list, name="class-shards") as shard:
-                ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="class", shard=shard,
+            with dsl.If(mode == "class", name="class-wise"):
+                with dsl.ParallelFor(shard_list, name="class-shards") as shard:
+                    ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="class", shard=shard,
+                                          sd_model=sd_model, **common), s)
+                    gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
+                                              images_per_class=images_per_class, sd_model=sd_model, **common), s)
+                syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
+                ads = on_cpu(ops.gather_adapters(shards=dsl.Collected(ad.outputs["adapters"])), s)
+                tail(fs, syn.outputs["synthetic"], ads.outputs["adapters"], "class", p)
+
+            with dsl.Else(name="dataset-wise"):
+                ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="dataset", shard="",
                                       sd_model=sd_model, **common), s)
-                gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
-                                          images_per_class=images_per_class, sd_model=sd_model, **common), s)
-            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
-            ads = on_cpu(ops.gather_adapters(shards=dsl.Collected(ad.outputs["adapters"])), s)
-            tail(fs, syn.outputs["synthetic"], ads.outputs["adapters"], "class", p)
-
-        with dsl.Else(name="dataset-wise"):
-            ad = on_gpu(ops.adapt(fewshot_set=fewshot_set, data_hash=data_hash, mode="dataset", shard="",
-                                  sd_model=sd_model, **common), s)
-            with dsl.ParallelFor(shard_list, name="generate-shards") as shard:
-                gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
-                                          images_per_class=images_per_class, sd_model=sd_model, **common), s)
-            syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
-            tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
+                with dsl.ParallelFor(shard_list, name="generate-shards") as shard:
+                    gen = on_gpu(ops.generate(fewshot_set=fewshot_set, adapters=ad.outputs["adapters"], shard=shard,
+                                              images_per_class=images_per_class, sd_model=sd_model, **common), s)
+                syn = on_cpu(ops.gather(shards=dsl.Collected(gen.outputs["synthetic"]), mlflow_run=run_id), s)
+                tail(fs, syn.outputs["synthetic"], ad.outputs["adapters"], "dataset", p)
 
     return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=s.pipeline_root, description=DESCRIPTION)(
         params_.pipeline_function(PIPELINE_NAME, params_.RUN, datadream,
@@ -184,6 +189,12 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
         except TypeError as e:
             raise UserError(f"pipeline arguments: {e}") from None
         except RuntimeError:
+            # A step that failed on bad input left its one-line message beside its output: that is the answer.
+            from datadream.steps import user_error_notes
+
+            notes = [n for run in set(root.iterdir()) - before if run.is_dir() for n in user_error_notes(run)]
+            if notes:
+                raise UserError(notes[0]) from None
             failed = tasks.failures() if tasks is not None else []
             if not failed:
                 raise

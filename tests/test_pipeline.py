@@ -45,11 +45,11 @@ def test_gpu_resources_and_placement_on_exactly_the_gpu_steps(ir):
     tasks = _tasks(spec["root"]["dag"], spec["components"])
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    steps = {_step(n): n for n in tasks if not n.startswith(("condition", "for-loop"))}
+    steps = {_step(n): n for n in tasks if not n.startswith(("condition", "for-loop", "exit-handler"))}
     assert set(map(_step, steps)) == {"fewshot", "adapt", "generate", "gather", "gather-adapters", "classify",
-                                      "evaluate", "summarize", "register"}
+                                      "evaluate", "summarize", "register", "finish"}
     for name, task in tasks.items():
-        if name.startswith(("condition", "for-loop")):
+        if name.startswith(("condition", "for-loop", "exit-handler")):
             continue
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
         resources = executors[executor]["container"].get("resources", {})
@@ -76,11 +76,22 @@ def test_fan_out_follows_the_gpus_parameter(ir):
     shard_loops = [t for t in loops.values() if t.get("parameterIterator", {}).get("items", {}).get("inputParameter")
                    and "shard_list" in json.dumps(t)]
     assert len(shard_loops) == 2  # class-wise adapt+generate, dataset-wise generate
-    assert tasks["fewshot"]["inputs"]["parameters"]["shards"]["componentInputParameter"] == "gpus"
-    branches = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items() if "triggerPolicy" in t}
+    # (inside the exit handler's sub-DAG the pipeline input arrives as a channel of the same name)
+    assert tasks["fewshot"]["inputs"]["parameters"]["shards"]["componentInputParameter"] == "pipelinechannel--gpus"
+    branches = {n: t["triggerPolicy"]["condition"] for n, t in tasks.items()
+                if "condition" in t.get("triggerPolicy", {})}
     assert sorted(branches.values()) == sorted([
         "inputs.parameter_values['pipelinechannel--mode'] == 'class'",
         "!(inputs.parameter_values['pipelinechannel--mode'] == 'class')"])
+
+
+def test_an_exit_handler_closes_the_mlflow_run_whatever_happens(ir):
+    root = ir["spec"]["root"]["dag"]["tasks"]
+    assert sorted(root) == ["exit-handler-1", "finish"]  # every step runs inside the handler
+    finish = root["finish"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs after a failure too
+    assert finish["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert finish["cachingOptions"] == {}
 
 
 def test_caching_and_parameter_defaults(ir):

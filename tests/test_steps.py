@@ -68,3 +68,38 @@ def test_adapt_refuses_an_unknown_prediction_type_before_claiming_its_folder(tmp
     with pytest.raises(UserError, match=r"prediction_type 'sample' is not supported; expected one of epsilon"):
         steps.adapt(cfg, fewshot_set, tmp_path / "adapters")
     assert not (tmp_path / "adapters").exists()
+
+
+def test_a_user_error_is_final_for_retries(tmp_path):
+    calls = []
+
+    def attempt():
+        with steps.final_user_errors(str(tmp_path / "task" / "out")):
+            calls.append(1)
+            raise UserError("--dataset /x: folder not found")
+
+    for _ in range(2):  # the second attempt (a KFP retry) fails at once, with the same line
+        with pytest.raises(UserError, match=r"^--dataset /x: folder not found$"):
+            attempt()
+    assert len(calls) == 1
+    assert steps.user_error_notes(tmp_path) == ["--dataset /x: folder not found"]
+
+
+@pytest.mark.slow
+def test_a_failing_pipeline_fails_once_and_closes_its_mlflow_run(tmp_path, monkeypatch, capsys, mlflow_sqlite):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite)
+    missing = tmp_path / "no-such-dataset"
+    code = main(["-q", "pipeline", "run", "--local", "--root", str(tmp_path / "runs"),
+                 "--param", f"dataset={missing}", "--param", "register_name=failing"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and str(missing) in err[-1] and "not found" in err[-1], err[-3:]
+    (note,) = (tmp_path / "runs").rglob("*.user-error")  # beside the fewshot step's output
+    assert note.read_text().strip() in err[-1]
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.get_experiment_by_name("failing")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`datadream.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED"  # closed by the exit handler, not left RUNNING
+    assert parent.data.tags["datadream.failed_steps"] == "fewshot"
+    assert "not found" in parent.data.tags["datadream.error"]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datadream.artifacts import FEWSHOT_MARKER, SYNTHETIC_MARKER
 from datadream.errors import UserError
 from datadream.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_cached
 
@@ -129,8 +130,8 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> list[Record]:
     return records
 
 
-_MARKERS = {"fewshot.json": lambda summary, stem: summary.get("manifest_sha256", {}).get(stem),
-            "generate.json": lambda summary, stem: summary.get("manifest_sha256") if stem == "manifest" else None}
+_MARKERS = {FEWSHOT_MARKER: lambda summary, stem: summary.get("manifest_sha256", {}).get(stem),
+            SYNTHETIC_MARKER: lambda summary, stem: summary.get("manifest_sha256") if stem == "manifest" else None}
 
 
 def verify_manifest(path: str | os.PathLike) -> None:
@@ -151,7 +152,7 @@ def allowed_roots(manifest: str | os.PathLike) -> list[Path]:
     set beside it (fewshot.json) was sampled from (its val/test records point into the dataset)."""
     folder = Path(manifest).parent
     roots = [folder]
-    summary = folder / "fewshot.json"
+    summary = folder / FEWSHOT_MARKER
     if summary.is_file():
         dataset = read_json(summary).get("dataset")
         if isinstance(dataset, str) and dataset and not is_remote(dataset):

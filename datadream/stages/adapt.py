@@ -412,7 +412,7 @@ def verify_adapters(adapters_dir: str | os.PathLike, index: dict, units: set[str
     root = os.path.realpath(adapters_dir)
     for unit in sorted(units):
         weights = adapters_dir / unit / index.get("weight_name", WEIGHTS)
-        meta = read_json(adapters_dir / unit / "adapter.json")
+        meta = read_json(adapters_dir / unit / MARKER)
         real = os.path.realpath(weights)
         if not real.startswith(root + os.sep):
             raise UserError(f"{weights}: lies outside --adapters {adapters_dir}")
