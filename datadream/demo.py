@@ -27,10 +27,10 @@ def run_demo(config: Config, out: str | Path, dataset: str | None = None) -> dic
     timings: dict[str, float] = {}
     tracking = steps.Tracking()  # each step's own MLflow run when $MLFLOW_TRACKING_URI is set
 
-    def timed(name, fn, *a, **kw):
+    def timed(what, fn, *a, **kw):
         t = time.perf_counter()
         result = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t, 2)
+        timings[what] = round(time.perf_counter() - t, 2)
         return result
 
     if dataset is None:  # else an ImageFolder, local or s3:// (fewshot mirrors it)
