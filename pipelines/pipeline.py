@@ -203,7 +203,10 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
             builtins.print = saved_print
             for k in added:
                 os.environ.pop(k, None)
-    new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    # The run folder is <pipeline name>-<timestamp>; the first run beside an empty root also creates
+    # mlflow.db and mlartifacts/, which may be written after the run folder and must not be taken for it.
+    new = sorted((p for p in set(root.iterdir()) - before if p.is_dir() and p.name.startswith(f"{name}-")),
+                 key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")
     from datadream.report import publish_local_reports

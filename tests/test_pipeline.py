@@ -312,9 +312,12 @@ def test_run_local_leaves_print_alone(monkeypatch, tmp_path):
 
     def fake_pipeline(**_):
         builtins.print = lambda *a, **k: original("    ", *a, **k)  # what a lost swap leaves behind
-        (tmp_path / "run").mkdir()
+        (tmp_path / "datadream-run").mkdir()
+        # written after the run folder on a first run: neither is the run folder
+        (tmp_path / "mlartifacts").mkdir()
+        (tmp_path / "mlflow.db").write_text("")
 
     monkeypatch.setattr(pp, "build_pipeline", lambda settings=None: fake_pipeline)
     monkeypatch.setattr("kfp.local.init", lambda **_: None)
-    assert pp.run_local(tmp_path, {}) == tmp_path / "run"
+    assert pp.run_local(tmp_path, {}) == tmp_path / "datadream-run"
     assert builtins.print is original
