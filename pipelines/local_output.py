@@ -300,10 +300,17 @@ def _short(path: Path) -> str:
         return str(path)
 
 
+def _report_of(run: Path) -> Path | None:
+    """A run's one report a browser opens: `<run>/report.html`, else its summary's report artifact."""
+    candidates = [Path(run) / "report.html", *sorted(Path(run).glob("summarize*/report.html")),
+                  *sorted(Path(run).glob("summarize*/report"))]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def where_to_look(runs: list[Path], logs: Path, mlflow_db: Path) -> str:
     """The lines after a local run: its reports, the task logs and how to open MLflow."""
     lines = ["", "where to look next:"]
-    reports = [p for run in runs for p in sorted(Path(run).glob("summarize*/report*")) if p.is_file()]
+    reports = [r for r in map(_report_of, runs) if r is not None]
     lines += [f"  report     {_short(p)}" for p in reports]
     lines.append(f"  task logs  {_short(logs)}/")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (f"sqlite:///{_short(mlflow_db)}" if Path(mlflow_db).is_file()

@@ -113,3 +113,6 @@ def test_where_to_look_names_reports_logs_and_the_mlflow_command(tmp_path, monke
     assert "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db" in text
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert "MLflow     http://mlflow:5000" in where_to_look([run], tmp_path / "logs", db)
+    (run / "report.html").write_text("<html>")  # what run_local publishes: named once, not beside its source
+    text = where_to_look([run], tmp_path / "logs", db)
+    assert text.count("report     ") == 1 and "report     runs/datadream-1/report.html" in text
