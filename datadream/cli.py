@@ -352,8 +352,11 @@ def _setup_logging(args) -> None:
     if args.quiet or not _isatty(sys.stderr):
         os.environ["TQDM_DISABLE"] = "1"  # progress bars only for a person at a terminal, never with -q
     if args.quiet:
-        # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that.
+        # kfp.local re-points the root logger at INFO while it runs; a logger filter survives that. The
+        # handler's filter also stops records of a logger someone set to INFO itself (they skip the root's).
         root.addFilter(_warnings_only)
+        for handler in root.handlers:
+            handler.addFilter(_warnings_only)
     # The libraries' own chatter would drown ours; keep their warnings (and kfp.local's task log unless -q).
     # Setting a logger's level imports nothing: diffusers and transformers load only in the stages that
     # use them (datadream.models.sd turns their loading bars off then).

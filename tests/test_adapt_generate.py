@@ -103,12 +103,15 @@ def test_adapt_killed_mid_run_resumes_to_the_same_weights(tmp_path, fewshot_set,
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("datadream.stages.adapt").addHandler(handler)
-    logging.getLogger("datadream.stages.adapt").setLevel(logging.INFO)
+    logger = logging.getLogger("datadream.stages.adapt")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         adapt.run(tiny(*settings), fewshot_set, killed)
     finally:
-        logging.getLogger("datadream.stages.adapt").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert any("resumed from step" in r.getMessage() for r in records)
     straight = adapt.run(tiny(*settings), fewshot_set, tmp_path / "straight")
     a = load_file(killed / adapt.DATASET_UNIT / adapt.WEIGHTS)
