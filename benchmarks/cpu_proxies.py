@@ -76,7 +76,7 @@ def loader_rates(work: Path, n: int) -> dict:
 
     from datadream.data import augment as aug
     from datadream.data.cache import CachedBatches, EpochBatches, build_image_cache
-    from datadream.stages.classify import ImageDataset, train_transform
+    from datadream.data.loading import ImageDataset, train_transform
 
     records = _png_images(work / "png", n)
     # Old: one worker decodes and augments each image and ships float32 (timed in-process = one worker).

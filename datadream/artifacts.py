@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 FEWSHOT_MARKER = "fewshot.json"
 ADAPTERS_MARKER = "adapter.json"  # also the per-adapter metadata file inside each adapter folder
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # each unit's LoRA weights (diffusers' file name)
 SYNTHETIC_MARKER = "generate.json"
 CLASSIFIER_MARKER = "classifier.json"
 CLASSIFIER_LORA = "lora.safetensors"  # the best epoch's LoRA tensors
@@ -129,6 +130,24 @@ class Adapters(_Artifact):
 
     def units(self) -> set[str]:
         return set(self.index["classes"].values())
+
+    def verify(self, units: set[str]) -> None:
+        """Check the weights of `units` against the sha256 their adapter.json records (inside the folder,
+        regular files, content unchanged); UserError naming the first file that fails."""
+        from datadream.io import read_json, sha256_cached
+
+        root = os.path.realpath(self.path)
+        for unit in sorted(units):
+            weights = self.path / unit / self.index.get("weight_name", ADAPTER_WEIGHTS)
+            meta = read_json(self.path / unit / ADAPTERS_MARKER)
+            real = os.path.realpath(weights)
+            if not real.startswith(root + os.sep):
+                raise UserError(f"{weights}: lies outside --adapters {self.path}")
+            if not os.path.isfile(real):
+                raise UserError(f"{weights}: missing or not a regular file; re-run adapt")
+            if sha256_cached(real) != meta.get("weights_sha256"):
+                raise UserError(f"{weights}: changed since adapt wrote it (sha256 differs from {unit}/adapter.json); "
+                                "re-run adapt")
 
 
 @dataclass(frozen=True)

@@ -174,9 +174,9 @@ class Embedder:
     L2-normalised image and text embeddings, computed in batches of `assess.batch_size`."""
 
     def __init__(self, config, device=None):
+        from datadream.data.loading import eval_transform
         from datadream.models.clip import load_clip
         from datadream.runtime import autocast_dtype, resolve_device
-        from datadream.stages.classify import eval_transform
 
         self.device = device if device is not None else resolve_device(config.run)
         self.model, self.tokenizer, preprocess = load_clip(config.models, self.device)

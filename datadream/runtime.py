@@ -103,3 +103,12 @@ def register_step_metrics(factory) -> None:
 def step_metrics():
     """A writer with `add(metrics, step)` and `flush()` (a context manager too) for the running stage."""
     return _step_metrics_factory() if _step_metrics_factory is not None else NoStepMetrics()
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on `device`, or a no-op context for plain fp32 (dtype None)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -86,6 +86,17 @@ def test_the_pipelines_do_not_import_each_other():
                 and any(n.startswith("pipelines.pipeline") for _, n in tune))
 
 
+def test_the_stages_are_apart():
+    """A stage is one step's method: it imports no other stage; what two share lives below them
+    (datadream.data.loading, datadream.artifacts, datadream.runtime)."""
+    crossing = [f"{path.relative_to(ROOT)}:{line} {module} -> {name}"
+                for module, path in modules().items()
+                if module.startswith("datadream.stages.") or module == "datadream.quality"
+                for line, name in imports(path, module)
+                if name.startswith("datadream.stages.") and name != module and not name.startswith(module + ".")]
+    assert crossing == []
+
+
 def test_marker_files_are_named_only_in_artifacts():
     pattern = re.compile("|".join(re.escape(f'"{m}"') + "|" + re.escape(f"'{m}'") for m in MARKERS))
     named = [f"{p.relative_to(ROOT)}:{i}" for m, p in modules().items() if m != "datadream.artifacts"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from datadream.artifacts import ADAPTER_WEIGHTS as WEIGHTS
 from datadream.artifacts import ADAPTERS_MARKER as MARKER
 from datadream.artifacts import Adapters
 from datadream.checkpoint import load_latest, save_checkpoint
@@ -40,8 +41,6 @@ from datadream.io import (
     check_output_dir,
     mark_started,
     mkdtemp,
-    read_json,
-    sha256_cached,
     sha256_file,
     sha256_json,
     writes_output,
@@ -49,7 +48,6 @@ from datadream.io import (
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics
 
 log = logging.getLogger(__name__)
-WEIGHTS = "pytorch_lora_weights.safetensors"
 DATASET_UNIT = "dataset"
 LOG_EVERY = 25  # steps between reads of the loss from the device (MLflow still gets every step)
 
@@ -403,24 +401,6 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
 def read_index(adapters_dir: str | os.PathLike) -> dict:
     """The adapter index of a finished `adapt` output; UserError if the folder is incomplete."""
     return Adapters.open(adapters_dir).index
-
-
-def verify_adapters(adapters_dir: str | os.PathLike, index: dict, units: set[str]) -> None:
-    """Check the weights of `units` against the sha256 their adapter.json records (inside the folder,
-    regular files, content unchanged); UserError naming the first file that fails."""
-    adapters_dir = Path(adapters_dir)
-    root = os.path.realpath(adapters_dir)
-    for unit in sorted(units):
-        weights = adapters_dir / unit / index.get("weight_name", WEIGHTS)
-        meta = read_json(adapters_dir / unit / MARKER)
-        real = os.path.realpath(weights)
-        if not real.startswith(root + os.sep):
-            raise UserError(f"{weights}: lies outside --adapters {adapters_dir}")
-        if not os.path.isfile(real):
-            raise UserError(f"{weights}: missing or not a regular file; re-run adapt")
-        if sha256_cached(real) != meta.get("weights_sha256"):
-            raise UserError(f"{weights}: changed since adapt wrote it (sha256 differs from {unit}/adapter.json); "
-                            "re-run adapt")
 
 
 @writes_output("out")

@@ -20,13 +20,11 @@ every random draw is seeded by (run seed, epoch, sample or step), never by how f
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,18 +33,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from tqdm import tqdm
 
+from datadream.artifacts import CLASSIFIER_HEAD as HEAD_FILE
+from datadream.artifacts import CLASSIFIER_LORA as LORA_FILE
 from datadream.artifacts import CLASSIFIER_MARKER as MARKER
 from datadream.checkpoint import load_latest, save_checkpoint
 from datadream.config import ClassifyConfig, Config
 from datadream.data import augment as aug
 from datadream.data.cache import CachedBatches, EpochBatches, ImageCache, build_image_cache
-from datadream.data.images import ImageRejected, load_rgb
-from datadream.data.manifest import ClassInfo, Record, read_classes, read_manifest, verify_records
-from datadream.data.remote import localize_records
+from datadream.data.loading import read_records
+from datadream.data.manifest import Record, read_classes
 from datadream.errors import UserError
 from datadream.io import (
     atomic_write_bytes,
@@ -68,6 +67,7 @@ from datadream.models.clip import (
     trim_tokens,
 )
 from datadream.runtime import (
+    autocast_ctx,
     autocast_dtype,
     derive_seed,
     generator,
@@ -78,25 +78,11 @@ from datadream.runtime import (
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "lora.safetensors"
-HEAD_FILE = "head.safetensors"
 CHECKPOINTS = "checkpoints"
 CACHE = "cache"
 
 
 # --- data ----------------------------------------------------------------------------------------------
-
-
-def read_records(path: Path, classes: list[ClassInfo], is_real: bool | None) -> list[Record]:
-    """A manifest's records, checked against classes.json and (unless None) the expected is_real flag."""
-    records = read_manifest(path, verify=False)
-    for n, r in enumerate(records, 1):
-        if not 0 <= r.label < len(classes) or classes[r.label].slug != r.cls:
-            raise UserError(f"{path}: record {n} has label {r.label} / class {r.cls!r}, not in classes.json")
-        if is_real is not None and r.is_real != is_real:
-            raise UserError(f"{path}: record {n} has is_real={r.is_real}; expected {is_real} here")
-    verify_records(path, records)  # after the cheap checks: inside the set, regular files, hashes as recorded
-    return localize_records(records)  # images of a dataset on S3 (val/test) come from the local cache
 
 
 def training_set(train_on: str, real: list[Record], synthetic: list[Record]) -> tuple[list[Record], int]:
@@ -108,96 +94,6 @@ def training_set(train_on: str, real: list[Record], synthetic: list[Record]) -> 
     # Real shots repeated to ≈1:1 with synthetic (docs/method.md, Stage 3); whole copies keep classes balanced.
     repeats = max(1, round(len(synthetic) / len(real)))
     return list(synthetic) + list(real) * repeats, repeats
-
-
-def _interpolation(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name)
-    except ValueError:
-        raise UserError(f"preprocess interpolation {name!r}: expected bicubic, bilinear or nearest") from None
-
-
-def eval_transform(preprocess: dict) -> v2.Compose:
-    """Resize (model's interpolation) → center crop → normalise (docs/method.md, Stage 3: test transform)."""
-    size = preprocess["image_size"]
-    return v2.Compose([
-        v2.Resize(size, interpolation=_interpolation(preprocess["interpolation"]), antialias=True),
-        v2.CenterCrop(size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocess["mean"], preprocess["std"]),
-    ])
-
-
-def train_transform(preprocess: dict, augment: bool) -> v2.Compose:
-    """docs/method.md, Stage 3 augmentations per PIL image on the CPU; without `augment`, the eval transform.
-
-    The stage itself runs the same chain on the device (datadream.data.augment, docs/method.md); this
-    per-image form is what benchmarks/cpu_proxies.py measures it against."""
-    if not augment:
-        return eval_transform(preprocess)
-    size = preprocess["image_size"]
-    edge = size if isinstance(size, int) else min(size)
-    blur_kernel = max(3, int(0.1 * edge) // 2 * 2 + 1)  # odd, ≈10% of the image as in SimCLR-style blur
-    return v2.Compose([
-        v2.RandAugment(num_ops=2, magnitude=9),
-        v2.RandomResizedCrop(
-            size, scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
-        ),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.2),
-        v2.RandomSolarize(threshold=128, p=0.2),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocess["mean"], preprocess["std"]),
-    ])
-
-
-class ImageDataset(Dataset):
-    """Records → (image tensor, label, is_real), or the ImageRejected of an unusable file.
-
-    With `seed` set, each sample's augmentation draws from its own RNG seeded by (seed…, index), so
-    the result depends neither on worker count nor on where a previous process stopped.
-    """
-
-    def __init__(self, records: list[Record], transform, max_pixels: int, seed: tuple | None = None):
-        self.records, self.transform, self.max_pixels, self.seed = records, transform, max_pixels, seed
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        r = self.records[i]
-        try:
-            image = load_rgb(r.path, self.max_pixels)
-        except ImageRejected as e:
-            return e
-        if self.seed is None:
-            return self.transform(image), r.label, r.is_real
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(*self.seed, i))
-            return self.transform(image), r.label, r.is_real
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor
-    labels: torch.Tensor
-    is_real: torch.Tensor
-    rejected: list[ImageRejected]
-
-
-def collate(items: list) -> Batch:
-    """Stack the usable samples; rejected files are carried along to be counted, never padded."""
-    rejected = [x for x in items if isinstance(x, ImageRejected)]
-    ok = [x for x in items if not isinstance(x, ImageRejected)]
-    if not ok:
-        empty = torch.empty(0)
-        return Batch(empty, empty.long(), empty.bool(), rejected)
-    images, labels, is_real = zip(*ok, strict=True)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(is_real), rejected)
 
 
 def mix_batch(
@@ -261,10 +157,6 @@ def text_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def class_logits(model: nn.Module, images: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
     """logits = scale · cos(image embedding, class text embedding) (docs/method.md, Stage 3)."""
     return scale * F.normalize(model.encode_image(images), dim=-1) @ head.t()
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()

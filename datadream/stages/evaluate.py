@@ -21,11 +21,14 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from datadream.artifacts import CLASSIFIER_HEAD as HEAD_FILE
+from datadream.artifacts import CLASSIFIER_LORA as LORA_FILE
 from datadream.artifacts import CLASSIFIER_MARKER as MARKER
 from datadream.artifacts import CONFUSION_FILE as CONFUSION
 from datadream.artifacts import METRICS_MARKER as METRICS
 from datadream.config import ClassifyConfig, Config, ModelsConfig, RunConfig
 from datadream.data.images import RejectionCounts
+from datadream.data.loading import ImageDataset, collate, eval_transform, read_records
 from datadream.data.manifest import ClassInfo, read_manifest
 from datadream.errors import UserError
 from datadream.io import (
@@ -39,16 +42,7 @@ from datadream.io import (
     writes_output,
 )
 from datadream.models.clip import add_clip_lora, load_clip, set_lora_state
-from datadream.runtime import autocast_dtype, resolve_device
-from datadream.stages.classify import (
-    HEAD_FILE,
-    LORA_FILE,
-    ImageDataset,
-    autocast_ctx,
-    collate,
-    eval_transform,
-    read_records,
-)
+from datadream.runtime import autocast_ctx, autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,6 @@ from datadream.io import (
     writes_output,
 )
 from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics
-from datadream.stages.adapt import verify_adapters
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,12 @@ def run(
     cfg, seed = config.generate, config.run.seed
     fewshot_dir, adapters_dir, out = Path(fewshot_dir), Path(adapters_dir), Path(out)
     classes = select_classes(read_classes(fewshot_dir / "classes.json"), shard)
-    index = Adapters.open(adapters_dir).index
+    adapters = Adapters.open(adapters_dir)
+    index = adapters.index
     missing = [c.slug for c in classes if c.slug not in index["classes"]]
     if missing:
         raise UserError(f"--adapters {adapters_dir}: no adapter for class(es) {missing}")
-    verify_adapters(adapters_dir, index, {index["classes"][c.slug] for c in classes})
+    adapters.verify({index["classes"][c.slug] for c in classes})
     fingerprint = fingerprint_of(config, index, classes)
     if check_output_dir(out, MARKER, fingerprint):
         log.info("generate: %s already holds these images; nothing to do", out)
