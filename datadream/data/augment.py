@@ -1,6 +1,6 @@
 """The classifier's training augmentations (docs/method.md, Stage 3), run on uint8 batches on the device.
 
-The chain and its order are the paper's, as `classify.train_transform` runs them per image on the CPU:
+The chain and its order are the paper's, as `datadream.data.loading.train_transform` runs them per image on the CPU:
 
     RandAugment(2 ops, magnitude 9 of 31) → RandomResizedCrop(scale 0.25–1, ratio 3/4–4/3, bicubic)
     → horizontal flip p=0.5 → ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 (its four parts in a random order)
