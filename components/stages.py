@@ -3,7 +3,8 @@
 Each is a *lightweight* component: KFP ships only the function's source, so every import is inside
 the body, and the image (which has `datadream` installed) provides the rest. Each function only maps
 KFP artifacts and parameters onto one `datadream.steps` call. The docstrings are what the Kubeflow
-UI shows for each step.
+UI shows for each step. A step with several outputs returns a plain tuple in the order of its
+NamedTuple's fields, which KFP's executor accepts as it accepts the NamedTuple.
 """
 
 from typing import NamedTuple
@@ -37,8 +38,6 @@ def fewshot(
         shard_list: shard names "I/N" for the fan-out, at most one per class.
         mlflow_run: id of the run's parent MLflow run, which every later step logs under ("" = untracked).
     """
-    from collections import namedtuple
-
     from datadream import steps
     from pipelines.parameters import config_overrides
 
@@ -51,8 +50,7 @@ def fewshot(
     n = max(1, min(shards, out.meta["classes"]))
     fewshot_set.metadata.update({"classes": out.meta["classes"], "shots": shots, "seed": seed,
                                  "rejected": out.meta["rejected"]["total"]})
-    outputs = namedtuple("FewShotOutputs", ["data_hash", "shard_list", "mlflow_run"])
-    return outputs(out.data_hash, [f"{i}/{n}" for i in range(n)], parent)
+    return (out.data_hash, [f"{i}/{n}" for i in range(n)], parent)
 
 
 def adapt(
@@ -250,8 +248,6 @@ def register(
         classifier_version, adapters_version: the new registry versions ("" when skipped).
         decision: the gate's decision ("promoted", "rejected: …", or "skipped"), then the deploy's outcome.
     """
-    from collections import namedtuple
-
     from datadream import steps
 
     lineage = {"dataset": dataset, "data_hash": data_hash, "shots": shots, "seed": seed, "mode": mode,
@@ -266,8 +262,7 @@ def register(
 
         settings = ServingSettings(namespace=serving_namespace, image=serving_image or None)
         decision += f"; {deploy_after_gate(register_name, r.gate, settings=settings)}"
-    outputs = namedtuple("RegisterOutputs", ["classifier_version", "adapters_version", "decision"])
-    return outputs(r.classifier_version, r.adapters_version, decision)
+    return (r.classifier_version, r.adapters_version, decision)
 
 
 def tune_prepare(
@@ -291,16 +286,13 @@ def tune_prepare(
         run_config: `config` with the pipeline's parameters folded in, for the workers.
         worker_list: one entry per worker, for the fan-out.
     """
-    from collections import namedtuple
-
     from datadream import tuning
     from pipelines.parameters import config_overrides
 
     overrides = config_overrides(shots=shots, seed=seed, mode=mode, sd_model=sd_model, clip_model=clip_model,
                                  clip_pretrained=clip_pretrained)
-    outputs = namedtuple("TunePrepareOutputs", ["run_config", "worker_list"])
-    return outputs(*tuning.pipeline_prepare(preset, config, overrides, dataset, study, storage, workers,
-                                            register_name, fewshot_set.path))
+    return tuple(tuning.pipeline_prepare(preset, config, overrides, dataset, study, storage, workers,
+                                         register_name, fewshot_set.path))
 
 
 def tune_worker(
@@ -338,14 +330,11 @@ def tune_best(
         config: `run_config` with the best settings layered on (the datadream pipeline's `config`).
         best_value, best_trial: the best val top-1 and its trial number.
     """
-    from collections import namedtuple
-
     from datadream import tuning
 
     config, s = tuning.pipeline_best(study, storage, preset, run_config, best.path)
     best.metadata.update({"study": study, "trial": s.best_trial.number, "val_top1": s.best_value})
-    outputs = namedtuple("TuneBestOutputs", ["config", "best_value", "best_trial"])
-    return outputs(config, float(s.best_value), int(s.best_trial.number))
+    return (config, float(s.best_value), int(s.best_trial.number))
 
 
 def finish(register_name: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
