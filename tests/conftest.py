@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -18,6 +19,21 @@ from datadream.config import Config, load_config
 # Real servers on loopback (moto S3, Postgres databases, mlflow server) and the autouse fixtures that
 # give every test fake AWS credentials and its own MLflow store, so no test can reach a real one.
 pytest_plugins = ["servers"]
+
+
+@pytest.fixture(autouse=True)
+def root_logging_filters_restored():
+    """`datadream -q` filters the root logger and its handlers for the rest of its process; the suite
+    runs many commands in one process, so each test starts with the filters as they were before it."""
+    root = logging.getLogger()
+    before = list(root.filters)
+    handlers_before = {h: list(h.filters) for h in root.handlers}
+    yield
+    for f in [f for f in root.filters if f not in before]:
+        root.removeFilter(f)
+    for h in root.handlers:
+        for f in [f for f in h.filters if f not in handlers_before.get(h, [])]:
+            h.removeFilter(f)
 
 
 @pytest.fixture(scope="session")
