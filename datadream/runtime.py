@@ -112,3 +112,10 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     import torch
 
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to `device` without waiting for the device's queue (pinned, non-blocking on CUDA)."""
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)

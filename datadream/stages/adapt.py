@@ -45,7 +45,7 @@ from datadream.io import (
     sha256_json,
     writes_output,
 )
-from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics
+from datadream.runtime import autocast_dtype, derive_seed, generator, resolve_device, step_metrics, to_device
 
 log = logging.getLogger(__name__)
 DATASET_UNIT = "dataset"
@@ -233,17 +233,10 @@ def _batch_latents(latent_stats, idx, crop: int, g: torch.Generator, on_device=N
         left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
         eps = torch.randn((stats.shape[1], crop, crop), generator=g)
         if on_device is not None:
-            stats, eps = on_device[i], _to_device(eps, on_device[i].device)
+            stats, eps = on_device[i], to_device(eps, on_device[i].device)
         mean, std = stats[:, :, top : top + crop, left : left + crop]
         batch.append(mean + std * eps)
     return torch.stack(batch)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor to `device` without waiting for the device's queue (pinned, non-blocking on CUDA)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _optimizer_impl(device: torch.device) -> dict:
@@ -333,7 +326,7 @@ def _train_unit(config, unit: Unit, models, lora_params, device, amp, out: Path,
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         latents = latents.to(device)
-        noise, timesteps, which = (_to_device(t, device) for t in (noise, timesteps, prompt_of[idx]))
+        noise, timesteps, which = (to_device(t, device) for t in (noise, timesteps, prompt_of[idx]))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)

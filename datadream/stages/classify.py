@@ -74,6 +74,7 @@ from datadream.runtime import (
     resolve_device,
     seed_everything,
     step_metrics,
+    to_device,
 )
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,6 @@ def classification_loss(
     weights = torch.where(flags, real_weight / max(n_real, 1), (1.0 - real_weight) / max(n_synthetic, 1))
     per_sample = F.cross_entropy(logits, targets, reduction="none")
     return (per_sample * to_device(weights.to(per_sample.dtype), logits.device)).sum()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor to `device` without waiting for the device's queue (pinned, non-blocking on CUDA)."""
-    if device.type != "cuda" or t.is_cuda:
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 # --- model ---------------------------------------------------------------------------------------------
