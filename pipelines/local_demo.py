@@ -41,6 +41,7 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
     """Both runs; each task's output in `out`/logs/<mode>-wise/<task>.log, a line per task on stderr."""
     from datadream.data.demo import make_demo_dataset
     from pipelines.pipeline import run_local
+    from pipelines.warm_start import WarmStarter
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
@@ -48,12 +49,13 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
         dataset = make_demo_dataset(out / "dataset", seed=config.run.seed)
     text = overrides_to_yaml(files, overrides)
     runs = []
-    for mode, train_on in (("class", ["zero-shot", "real", "synthetic", "synthetic+real"]),
-                           ("dataset", ["synthetic", "synthetic+real"])):
-        args = pipeline_arguments(config, preset, text, str(dataset), mode, train_on)
-        runs.append(run_local(out / "runs", args, verbose=verbose, quiet=quiet, label=f"{mode}-wise",
-                              logs_dir=out / "logs" / f"{mode}-wise"))
-        log.debug("demo: %s-wise run finished -> %s", mode, runs[-1])
+    with WarmStarter(out / "logs" / "warm-start.log") as warm:  # one warm helper for both runs' tasks
+        for mode, train_on in (("class", ["zero-shot", "real", "synthetic", "synthetic+real"]),
+                               ("dataset", ["synthetic", "synthetic+real"])):
+            args = pipeline_arguments(config, preset, text, str(dataset), mode, train_on)
+            runs.append(run_local(out / "runs", args, verbose=verbose, quiet=quiet, label=f"{mode}-wise",
+                                  logs_dir=out / "logs" / f"{mode}-wise", warm=warm))
+            log.debug("demo: %s-wise run finished -> %s", mode, runs[-1])
 
     rows = []
     for run in runs:

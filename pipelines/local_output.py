@@ -26,11 +26,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from datadream.errors import InfraError
 
+if TYPE_CHECKING:
+    from pipelines.warm_start import WarmStarter
+
 TAIL_LINES = 20
+# kfp 2.17's local ParallelFor runs at most two iterations at once (ParallelExecutor.conservative_max).
+KFP_LOCAL_LOOP_WORKERS = 2
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CONDITION = re.compile(r"^(!\()?inputs\.parameter_values\['([^']+)'\] (==|!=) (.+?)(\))?$")
 _UNKNOWN = object()
@@ -65,6 +70,7 @@ class TaskOutput:
     logs_dir: Path | None = None  # default: <run folder>/logs
     spec: dict | None = None  # the pipeline's IR (PipelineSpec as a dict), to count the tasks ahead
     arguments: dict = field(default_factory=dict)
+    warm: WarmStarter | None = None  # tasks forked from a warm process (pipelines/warm_start.py); None: cold
     finished: list[Finished] = field(default_factory=list)
     _tasks: dict[Path, Task] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,14 +109,18 @@ class TaskOutput:
         env = {**os.environ, **(env_vars or {})}
         # The log is not a terminal: a progress bar there is one line per redraw.
         env["TQDM_DISABLE"] = "1"
+        if "OMP_NUM_THREADS" not in os.environ:  # the caller's setting wins
+            env["OMP_NUM_THREADS"] = str(self.threads_for(task.root))
         t0 = time.monotonic()
         with open(task.log, "a" if attempt > 1 else "w", encoding="utf-8") as f:
             if attempt > 1:
                 f.write(f"\n===== attempt {attempt} =====\n")
             start = f.tell()
             f.flush()
-            returncode = subprocess.run(full_command, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL).returncode
+            returncode = self.warm.run(full_command, env, task.log) if self.warm is not None else None
+            if returncode is None:
+                returncode = subprocess.run(full_command, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                            stdin=subprocess.DEVNULL).returncode
         seconds = time.monotonic() - t0
         self._report(Finished(task, returncode == 0, seconds, attempt), start, returncode)
         return returncode
@@ -141,18 +151,39 @@ class TaskOutput:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
 
-    def total(self) -> int | None:
-        """How many tasks the run will have, once the loop sizes are known (None before)."""
-        if self.spec is None:
-            return None
+    def _outputs(self) -> dict:
+        """The finished tasks' output parameters, as "<task>-<output>": value."""
         outputs = {}
-        for task in self._tasks.values():
+        for task in list(self._tasks.values()):
             path = task.root / "executor_output.json"
             if path.is_file():
                 with contextlib.suppress(ValueError, OSError):
                     values = json.loads(path.read_text()).get("parameterValues", {})
                     outputs.update({f"{task.root.name}-{k}": v for k, v in values.items()})
-        return count_tasks(self.spec, self.arguments, outputs)
+        return outputs
+
+    def total(self) -> int | None:
+        """How many tasks the run will have, once the loop sizes are known (None before)."""
+        if self.spec is None:
+            return None
+        return count_tasks(self.spec, self.arguments, self._outputs())
+
+    def threads_for(self, root: Path) -> int:
+        """torch threads for the task in `root`: the cores shared by the tasks kfp.local runs beside it.
+
+        A task alone (adapt, generate of one shard) gets every core; each of two loop iterations that run
+        at once gets half. Where the loop is unknown, one thread, which never oversubscribes.
+        """
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        at_once = 1
+        for part in root.relative_to(self.pipeline_root).parts:
+            m = re.fullmatch(r"(for-loop-\d+)-iteration-\d+", part)
+            if m:
+                n = concurrent_iterations(self.spec, self.arguments, self._outputs(), m.group(1)) if self.spec else None
+                if n is None:
+                    return 1
+                at_once *= n
+        return max(1, cores // at_once)
 
     def retries(self, task_name: str) -> int:
         """The retry count of the task called `task_name` in the pipeline's IR (0 when unknown)."""
@@ -192,13 +223,17 @@ def failure_tail(log: Path, start: int = 0, lines: int = TAIL_LINES) -> list[str
     return kept[-lines:]
 
 
-def count_tasks(spec: dict, arguments: dict, outputs: dict) -> int | None:
-    """Executor tasks a run of `spec` will start: conditions evaluated, ParallelFor loops multiplied.
+def _loop_items(task: dict, value) -> list | None:
+    """The items a ParallelFor task iterates over (None while they are unknown)."""
+    items = task["parameterIterator"]["items"]
+    v = json.loads(items["raw"]) if "raw" in items else value(items.get("inputParameter", ""))
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            v = json.loads(v)
+    return v if isinstance(v, list) else None
 
-    A loop over a task's output counts once that output is in `outputs` ("<task>-<output>": value);
-    until then, or for a condition this does not understand, the answer is None.
-    """
-    components = spec["components"]
+
+def _channel_values(spec: dict, arguments: dict, outputs: dict):
     declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
     params = {k: v.get("defaultValue") for k, v in declared.items()} | dict(arguments)
 
@@ -207,6 +242,32 @@ def count_tasks(spec: dict, arguments: dict, outputs: dict) -> int | None:
         if name in params:
             return params[name]
         return outputs.get(name, _UNKNOWN)
+
+    return value
+
+
+def concurrent_iterations(spec: dict, arguments: dict, outputs: dict, loop: str) -> int | None:
+    """How many iterations of the ParallelFor `loop` ("for-loop-3") kfp.local runs at once: its items,
+    at most its parallelism limit and at most KFP_LOCAL_LOOP_WORKERS (kfp 2.17 runs two at a time)."""
+    for comp in [spec["root"], *spec["components"].values()]:
+        for t in comp.get("dag", {}).get("tasks", {}).values():
+            if t.get("componentRef", {}).get("name") == f"comp-{loop}" and "parameterIterator" in t:
+                items = _loop_items(t, _channel_values(spec, arguments, outputs))
+                if items is None:
+                    return None
+                limit = int(t.get("iteratorPolicy", {}).get("parallelismLimit", 0)) or len(items)
+                return max(1, min(len(items), limit, KFP_LOCAL_LOOP_WORKERS))
+    return None
+
+
+def count_tasks(spec: dict, arguments: dict, outputs: dict) -> int | None:
+    """Executor tasks a run of `spec` will start: conditions evaluated, ParallelFor loops multiplied.
+
+    A loop over a task's output counts once that output is in `outputs` ("<task>-<output>": value);
+    until then, or for a condition this does not understand, the answer is None.
+    """
+    components = spec["components"]
+    value = _channel_values(spec, arguments, outputs)
 
     def dag(d: dict) -> int | None:
         n = 0
@@ -220,12 +281,8 @@ def count_tasks(spec: dict, arguments: dict, outputs: dict) -> int | None:
                     continue
             times = 1
             if "parameterIterator" in t:
-                items = t["parameterIterator"]["items"]
-                v = json.loads(items["raw"]) if "raw" in items else value(items.get("inputParameter", ""))
-                if isinstance(v, str):
-                    with contextlib.suppress(ValueError):
-                        v = json.loads(v)
-                if not isinstance(v, list):
+                v = _loop_items(t, value)
+                if v is None:
                     return None
                 times = len(v)
             comp = components[t["componentRef"]["name"]]
@@ -264,12 +321,12 @@ class _DropKfpInfo(logging.Filter):
 @contextlib.contextmanager
 def task_output(pipeline_root: Path, stream: IO[str], *, quiet: bool = False, label: str = "",
                 logs_dir: Path | None = None, spec: dict | None = None,
-                arguments: dict | None = None) -> Iterator[TaskOutput]:
+                arguments: dict | None = None, warm: WarmStarter | None = None) -> Iterator[TaskOutput]:
     """While active, kfp.local's SubprocessRunner tasks run through a `TaskOutput` (see the module doc)."""
     from kfp.local import subprocess_task_handler
 
     out = TaskOutput(Path(pipeline_root), stream, quiet=quiet, label=label, logs_dir=logs_dir, spec=spec,
-                     arguments=dict(arguments or {}))
+                     arguments=dict(arguments or {}), warm=warm)
     original = subprocess_task_handler.run_local_subprocess
     root = logging.getLogger()
     drop = _DropKfpInfo()

@@ -18,10 +18,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datadream.errors import UserError
 from pipelines import parameters as params_
 from pipelines.cluster import ClusterSettings, on_cpu, on_gpu
+
+if TYPE_CHECKING:
+    from pipelines.warm_start import WarmStarter
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +141,25 @@ def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings 
 
 
 def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAME, *, verbose: bool = False,
-              quiet: bool = False, label: str = "", logs_dir: Path | None = None) -> Path:
+              quiet: bool = False, label: str = "", logs_dir: Path | None = None,
+              warm: "WarmStarter | bool" = True) -> Path:
     """Run the pipeline with kfp.local's SubprocessRunner in this environment; returns the run folder.
 
     By default each task's output goes to `<run folder>/logs/<task>.log` (or `logs_dir`) and one line
     per finished task goes to stderr (pipelines/local_output.py); `quiet` keeps only failures and
     `verbose` streams kfp.local's whole log to stderr instead. A failed task raises PipelineFailed.
+    Each task process is forked from a warm one that has imported the libraries already
+    (pipelines/warm_start.py); pass a `WarmStarter` to share one between runs, or False to start each
+    task cold. Each task gets the cores it shares with the tasks running beside it as torch threads,
+    unless $OMP_NUM_THREADS says otherwise.
     """
     from kfp import local
 
     from pipelines.local_output import PipelineFailed, task_output
+    from pipelines.warm_start import WarmStarter
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    # kfp.local runs ParallelFor iterations as concurrent processes; with torch's default of one thread
-    # per core each, they oversubscribe the CPU many times over. One thread per task process instead.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # The embedded MLflow default: a SQLite store beside the runs (mlflow ui --backend-store-uri …), and
     # for search campaigns an Optuna study beside them (the Secret's OPTUNA_STORAGE on a cluster). The
     # tasks inherit this process's environment; it is put back afterwards.
@@ -168,6 +175,8 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     # installed for good, so this process's print is restored whatever happens.
     saved_print = builtins.print
     with contextlib.ExitStack() as stack:
+        if warm is True:
+            warm = stack.enter_context(WarmStarter(root / "warm-start.log"))
         if verbose:  # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr
             tasks = None
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
@@ -177,7 +186,7 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
             ir = getattr(pipeline, "pipeline_spec", None)  # the compiled IR, to count the tasks ahead
             tasks = stack.enter_context(task_output(
                 root, sys.stderr, quiet=quiet, label=label, logs_dir=logs_dir, arguments=arguments,
-                spec=json_format.MessageToDict(ir) if ir is not None else None))
+                spec=json_format.MessageToDict(ir) if ir is not None else None, warm=warm or None))
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         stack.enter_context(warnings.catch_warnings())
         # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.

@@ -25,8 +25,12 @@ def make_shards(n: int) -> list:
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
 def work(shard: str, fail: str) -> str:
+    import atexit
+    import os
     import sys
 
+    print(f"process {os.getpid()} parent {os.getppid()} threads {os.environ.get('OMP_NUM_THREADS')}")
+    atexit.register(print, f"exit hooks ran for shard {shard}")  # a program's atexit runs, warm or cold
     for i in range(30):
         print(f"line {i} of shard {shard}")
     if shard == fail:

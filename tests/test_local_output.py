@@ -1,12 +1,17 @@
 """What a local pipeline run prints: a line per task, each task's output in its own log, failures with their tail."""
 
 
+import os
+import re
+import sys
+
 import pytest
 from kfp import compiler
-from kfp_toy_pipeline import fanout_pipeline
+from kfp_toy_pipeline import fanout_pipeline, work
 
 import pipelines.pipeline as pp
-from pipelines.local_output import PipelineFailed, count_tasks, failure_tail
+import pipelines.warm_start as ws
+from pipelines.local_output import PipelineFailed, TaskOutput, count_tasks, failure_tail
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +47,7 @@ def test_failure_tail_drops_the_executor_input_json_and_redraws(tmp_path):
 @pytest.fixture
 def toy_run(monkeypatch, tmp_path):
     monkeypatch.setattr(pp, "pipeline_function", lambda name, settings=None: fanout_pipeline)
+    monkeypatch.setattr(ws, "PRELOAD", ("kfp.dsl.executor_main",))  # the toy tasks import nothing more
 
     def run(capfd, **arguments):
         try:
@@ -116,3 +122,62 @@ def test_where_to_look_names_reports_logs_and_the_mlflow_command(tmp_path, monke
     (run / "report.html").write_text("<html>")  # what run_local publishes: named once, not beside its source
     text = where_to_look([run], tmp_path / "logs", db)
     assert text.count("report     ") == 1 and "report     runs/datadream-1/report.html" in text
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_threads_follow_the_tasks_that_run_at_once(toy_spec, tmp_path):
+    out = TaskOutput(tmp_path, sys.stderr, spec=toy_spec, arguments={"n": 1})
+    run = tmp_path / "toy-fanout-1"
+    shards = run / "make-shards"
+    shards.mkdir(parents=True)
+    out.task_for(["--executor_input", f'{{"outputs": {{"outputFile": "{shards}/executor_output.json"}}}}'])
+    # the loop's size comes from make-shards' output: unknown until it is written, so one thread
+    assert out.threads_for(run / "for-loop-2-iteration-0" / "work") == 1
+    (shards / "executor_output.json").write_text('{"parameterValues": {"Output": ["0/1"]}}')
+    assert out.threads_for(run / "make-shards") == _cores()  # not in a loop: alone
+    assert out.threads_for(run / "for-loop-2-iteration-0" / "work") == _cores()  # a loop of one
+    (shards / "executor_output.json").write_text('{"parameterValues": {"Output": ["0/3", "1/3", "2/3"]}}')
+    # kfp.local runs two iterations at a time
+    assert out.threads_for(run / "for-loop-2-iteration-2" / "work") == max(1, _cores() // 2)
+
+
+def test_only_kfps_own_lightweight_command_starts_warm():
+    command = work.component_spec.implementation.container.command
+    ours = [c.replace("python3", sys.executable) if i == 2 else c for i, c in enumerate(command)]
+    assert ws.lightweight_task([*ours, "--executor_input", "{}", "--function_to_execute", "work"])
+    assert not ws.lightweight_task([*command, "--executor_input", "{}"])  # another interpreter: python3 on PATH
+    assert not ws.lightweight_task([ours[0], ours[1], ours[2] + "rm -rf /tmp/x\n", ours[3]])
+    assert not ws.lightweight_task(["python3", "-c", "print(1)", "x"])
+    base = {"PATH": "/bin", "OMP_NUM_THREADS": "2"}
+    assert ws._same_environment(base, {"PATH": "/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert not ws._same_environment(base, {**base, "HF_HOME": "/elsewhere"})
+
+
+@pytest.mark.slow
+def test_tasks_are_forked_from_the_warm_helper_as_they_would_start_cold(toy_run, capfd, tmp_path):
+    def processes(run_dir):
+        found = {}
+        for log in sorted((run_dir / "logs").glob("work-*.log")):
+            text = log.read_text()
+            m = re.search(r"process (\d+) parent (\d+) threads (\d+)", text)
+            assert m and "line 29 of shard" in text and "exit hooks ran for shard" in text, text[-500:]
+            found[log.name] = (int(m.group(2)), int(m.group(3)))
+        return found
+
+    with ws.WarmStarter(tmp_path / "helper.log", preload=("json",)) as warm:
+        run_dir = pp.run_local(tmp_path / "warm", {"n": 1}, name="toy-fanout", warm=warm)
+        assert processes(run_dir) == {"work-0of1.log": (warm.pid, _cores())}  # alone: every core
+        run_dir = pp.run_local(tmp_path / "warm", {"n": 3}, name="toy-fanout", warm=warm)
+        threads = max(1, _cores() // 2)  # two at a time
+        assert set(processes(run_dir).values()) == {(warm.pid, threads)}
+        capfd.readouterr()
+        with pytest.raises(PipelineFailed):  # a failing task's exit status is the task's
+            pp.run_local(tmp_path / "warm", {"n": 2, "fail": "0/2"}, name="toy-fanout", warm=warm)
+        err = capfd.readouterr().err
+        assert "attempt 1 failed (exit 3)" in err and "| shard 0/2 fails on purpose" in err
+    cold = pp.run_local(tmp_path / "cold", {"n": 1}, name="toy-fanout", warm=False)
+    ((parent, threads),) = processes(cold).values()
+    assert parent != warm.pid and threads == _cores()
