@@ -4,18 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install demo test lint checkov smoke-312
+# Quiet: one line, then pip's errors only (-qq); `make install PIP_QUIET=` shows pip's own output.
+PIP_QUIET ?= -qq
 $(BIN)/datadream: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first: pip takes 2.14.1 + torchvision 0.29.1 from local wheels where they lie on disk
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(BIN)/datadream
+	@echo "installing DataDream and its dependencies into $(VENV) (once; about 2-3 min)"
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install $(PIP_QUIET) --upgrade pip
+	@# torch first: pip takes 2.14.1 + torchvision 0.29.1 from local wheels where they lie on disk
+	@$(BIN)/pip install $(PIP_QUIET) torch==2.14.1 torchvision==0.29.1
+	@$(BIN)/pip install $(PIP_QUIET) -e '.[dev]'
+	@touch $(BIN)/datadream
 
 install: $(BIN)/datadream
 
 demo: install
-	$(BIN)/datadream demo --out demo-run
+	@$(BIN)/datadream demo --out demo-run
 
 lint: install
 	$(BIN)/ruff check .

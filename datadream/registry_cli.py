@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from datadream.errors import UserError
 
@@ -90,13 +91,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The `list` table: VERSION, ALIASES, TEST_TOP1, TEST_TOP5, TEST_MEAN_PER_CLASS (those present), GATE, CREATED."""
+    """The `list` table: VERSION, ALIASES, TEST_TOP1, TEST_TOP5, TEST_MEAN_PER_CLASS (those present), GATE,
+    CREATED and REASON (the gate's reason from the version's description, without its settings)."""
     keys = [k for k in _TABLE_METRICS if any(k in r["metrics"] for r in rows)]
-    header = ["VERSION", "ALIASES", *(k.upper() for k in keys), "GATE", "CREATED"]
+    header = ["VERSION", "ALIASES", *(k.upper() for k in keys), "GATE", "CREATED", "REASON"]
     table = [header]
     for r in rows:
         metrics = [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in keys]
-        table.append([r["version"], ",".join(r["aliases"]) or "-", *metrics, r["gate"] or "-", r["created"]])
+        reason = re.sub(r"\s*\(gate on [^)]*\)$", "", r.get("description") or "").partition(": ")[2]
+        table.append([r["version"], ",".join(r["aliases"]) or "-", *metrics, r["gate"] or "-", r["created"],
+                      reason or "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)

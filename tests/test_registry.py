@@ -423,9 +423,11 @@ def test_cli_list_promote_rollback(registered, tracking, capsys):
     cli(tracking, "list", "cli")
     lines = printed(capsys)
     assert len(lines) == 3
-    assert lines[0].split() == ["VERSION", "ALIASES", "TEST_TOP1", "GATE", "CREATED"]
+    assert lines[0].split() == ["VERSION", "ALIASES", "TEST_TOP1", "GATE", "CREATED", "REASON"]
     assert lines[1].split()[:4] == [v1, "-", "0.5000", "promoted"]
     assert lines[2].split()[:4] == [v2, "champion", "0.7500", "promoted"]
+    reason = registry.list_versions("cli", tracking_uri=tracking)[1]["description"].partition(": ")[2]
+    assert reason and lines[2].endswith(reason.split(" (gate on")[0])  # the gate's why, without its settings
     cli(tracking, "rollback", "cli")
     assert printed(capsys) == [f"cli-classifier: champion {v2} -> {v1} (rolled back)"]
     with pytest.raises(UserError, match="no previous champion"):
