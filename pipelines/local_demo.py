@@ -37,8 +37,10 @@ def overrides_to_yaml(files: list[str], overrides: list[str]) -> str:
 
 
 def run_demo(config: Config, out: str | Path, preset: str, files: list[str], overrides: list[str],
-             dataset: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
-    """Both runs; each task's output in `out`/logs/<mode>-wise/<task>.log, a line per task on stderr."""
+             dataset: str | None = None, verbose: bool = False, quiet: bool = False, warm: bool = True) -> dict:
+    """Both runs; each task's output in `out`/logs/<mode>-wise/<task>.log, a line per task on stderr.
+    `warm`: tasks forked from one warm helper for both runs (pipelines/warm_start.py); False starts
+    every task as a fresh interpreter, as kfp.local does by itself."""
     from datadream.data.demo import make_demo_dataset
     from pipelines.pipeline import run_local
     from pipelines.warm_start import WarmStarter
@@ -49,12 +51,12 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
         dataset = make_demo_dataset(out / "dataset", seed=config.run.seed)
     text = overrides_to_yaml(files, overrides)
     runs = []
-    with WarmStarter(out / "logs" / "warm-start.log") as warm:  # one warm helper for both runs' tasks
+    with WarmStarter(out / "logs" / "warm-start.log") as starter:  # one warm helper for both runs' tasks
         for mode, train_on in (("class", ["zero-shot", "real", "synthetic", "synthetic+real"]),
                                ("dataset", ["synthetic", "synthetic+real"])):
             args = pipeline_arguments(config, preset, text, str(dataset), mode, train_on)
             runs.append(run_local(out / "runs", args, verbose=verbose, quiet=quiet, label=f"{mode}-wise",
-                                  logs_dir=out / "logs" / f"{mode}-wise", warm=warm))
+                                  logs_dir=out / "logs" / f"{mode}-wise", warm=starter if warm else False))
             log.debug("demo: %s-wise run finished -> %s", mode, runs[-1])
 
     rows = []
@@ -69,7 +71,8 @@ def run_demo(config: Config, out: str | Path, preset: str, files: list[str], ove
     rows.sort(key=lambda r: ORDER.index(r.pop("key")))
     results = {"out": str(out), "rows": rows, "runs": [str(r) for r in runs],
                "reports": [str(r / "report.html") for r in runs if (r / "report.html").is_file()],
-               "wall_s": round(time.perf_counter() - t0, 1), "engine": "kfp.local SubprocessRunner"}
+               "wall_s": round(time.perf_counter() - t0, 1),
+               "engine": "kfp.local SubprocessRunner" + (", tasks forked from a warm helper" if warm else "")}
     atomic_write_json(out / "results.json", results)
     return results
 

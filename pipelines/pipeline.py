@@ -174,6 +174,10 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     # with tasks running in parallel threads the swaps interleave and an indenting print can stay
     # installed for good, so this process's print is restored whatever happens.
     saved_print = builtins.print
+    # Its logger context (the root logger's handlers and level, swapped per task) interleaves the same way
+    # and can leave a handler on the devnull stdout of the run, closed afterwards: both are put back.
+    root_logger = logging.getLogger()
+    saved_logging = root_logger.handlers[:], root_logger.level
     with contextlib.ExitStack() as stack:
         if warm is True:
             warm = stack.enter_context(WarmStarter(root / "warm-start.log"))
@@ -210,6 +214,7 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
             raise PipelineFailed(name, failed) from None
         finally:
             builtins.print = saved_print
+            root_logger.handlers[:], root_logger.level = saved_logging[0], saved_logging[1]
             for k in added:
                 os.environ.pop(k, None)
     # The run folder is <pipeline name>-<timestamp>; the first run beside an empty root also creates

@@ -302,16 +302,23 @@ def test_local_run_class_wise_over_two_shards(tmp_path, capsys):
     assert [m.step for m in client.get_metric_history(clf.info.run_id, "val_top1")] == [0, 1]
 
 
-def test_run_local_leaves_print_alone(monkeypatch, tmp_path):
-    # kfp.local's per-task print swapping interleaves across parallel tasks; run_local restores print.
+def test_run_local_leaves_print_and_logging_alone(monkeypatch, tmp_path):
+    # kfp.local's per-task print and root-logger swapping interleaves across parallel tasks; run_local
+    # restores both.
     import builtins
+    import io
+    import logging
 
     import pipelines.pipeline as pp
 
     original = builtins.print
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
 
     def fake_pipeline(**_):
         builtins.print = lambda *a, **k: original("    ", *a, **k)  # what a lost swap leaves behind
+        root.handlers[:] = [logging.StreamHandler(io.StringIO())]  # a handler on the run's stdout
+        root.setLevel(logging.INFO)
         (tmp_path / "datadream-run").mkdir()
         # written after the run folder on a first run: neither is the run folder
         (tmp_path / "mlartifacts").mkdir()
@@ -321,3 +328,4 @@ def test_run_local_leaves_print_alone(monkeypatch, tmp_path):
     monkeypatch.setattr("kfp.local.init", lambda **_: None)
     assert pp.run_local(tmp_path, {}) == tmp_path / "datadream-run"
     assert builtins.print is original
+    assert root.handlers == handlers and root.level == level
