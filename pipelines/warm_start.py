@@ -3,7 +3,7 @@
 kfp.local starts every task as a new Python process, and a DataDream task spends most of its life on
 the CPU importing: about 2 s for mlflow, 2 s for torch, 2-3 s each for open_clip (with torchvision
 and transformers) and diffusers (with peft), against about 1 s of work per task of the tiny demo.
-Measured on a 2-core machine, importing was 150 of the 258 s of `make demo`.
+Measured on a 2-core machine: about 150 CPU-seconds of imports in a `make demo` of 258 s wall time.
 
 A `WarmStarter` runs one helper process (this module's `serve`) that imports those libraries once,
 in the background and in that order, and forks one child per task. The child is what kfp.local would
@@ -11,7 +11,8 @@ have started: it points its stdin, stdout and stderr where the task's would go, 
 environment and working folder, writes the component's source to a fresh temporary folder and runs
 kfp's executor (`kfp.dsl.executor_main`) with the task's arguments, exactly as the component's
 `sh -ec` command does. Its exit status is the task's. A task whose command is not that form, or
-whose environment differs from the helper's in more than the thread settings, starts cold as before.
+whose environment differs from the helper's in more than the thread settings, starts cold as before;
+so does every task on a system other than Linux.
 
 Forking after these imports is what torch's DataLoader does with its workers: no library is used
 for compute before the fork (numpy's BLAS pool and pyarrow's allocator start threads at import, and
@@ -52,6 +53,8 @@ PRELOAD = (
     "datadream.quality", "datadream.report", "datadream.plots", "matplotlib.figure", "datadream.registry",
     "mlflow.pyfunc", "mlflow.diffusers",
 )
+# Linux only: on macOS a child forked after system frameworks are loaded may crash, so tasks start cold there.
+FORK_SAFE = sys.platform == "linux"
 # Set per task by the caller; everything else in a task's environment must match the helper's.
 PER_TASK_ENV = frozenset({"OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE"})
 
@@ -102,7 +105,7 @@ class WarmStarter:
         return self._proc.pid if self._proc is not None else None
 
     def run(self, command: list[str], env: dict[str, str], log_path: Path) -> int | None:
-        if self._broken or not lightweight_task(command):
+        if self._broken or not FORK_SAFE or not lightweight_task(command):
             return None
         with self._lock:
             if self._proc is None:
