@@ -376,4 +376,19 @@ def where_to_look(runs: list[Path], logs: Path, mlflow_db: Path) -> str:
         lines.append(f"  MLflow     {uri}")
     elif uri:  # a database the embedded UI can open
         lines.append(f"  MLflow     mlflow ui --backend-store-uri {uri}")
+        experiment = _latest_experiment(Path(mlflow_db)) if uri.startswith("sqlite:///") else None
+        if experiment is not None:  # MLflow 3 opens an experiment in its GenAI view unless the link says otherwise
+            lines.append(f"  then open  http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning")
     return "\n".join(lines)
+
+
+def _latest_experiment(db: Path) -> str | None:
+    """The experiment of the newest run in a local MLflow SQLite store (None if there is none)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT experiment_id FROM runs ORDER BY start_time DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None

@@ -117,6 +117,7 @@ def test_where_to_look_names_reports_logs_and_the_mlflow_command(tmp_path, monke
     text = where_to_look([run], tmp_path / "logs", db)
     assert "report     runs/datadream-1/summarize/report" in text and "task logs  logs/" in text
     assert "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db" in text
+    assert "then open" not in text  # no runs yet: nothing to link to
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert "MLflow     http://mlflow:5000" in where_to_look([run], tmp_path / "logs", db)
     (run / "report.html").write_text("<html>")  # what run_local publishes: named once, not beside its source
@@ -181,3 +182,18 @@ def test_tasks_are_forked_from_the_warm_helper_as_they_would_start_cold(toy_run,
     cold = pp.run_local(tmp_path / "cold", {"n": 1}, name="toy-fanout", warm=False)
     ((parent, threads),) = processes(cold).values()
     assert parent != warm.pid and threads == _cores()
+
+
+def test_where_to_look_links_the_newest_runs_experiment_in_the_model_training_view(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines.local_output import where_to_look
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    older, newer = client.create_experiment("datadream"), client.create_experiment("datadream-tune")
+    client.create_run(newer, start_time=1_000)
+    client.create_run(older, start_time=2_000)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = where_to_look([], tmp_path / "logs", db)
+    assert f"then open  http://127.0.0.1:5000/#/experiments/{older}?workflowType=machine_learning" in text
