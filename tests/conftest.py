@@ -23,8 +23,10 @@ pytest_plugins = ["servers"]
 
 @pytest.fixture(autouse=True)
 def root_logging_filters_restored():
-    """`datadream -q` filters the root logger and its handlers for the rest of its process; the suite
-    runs many commands in one process, so each test starts with the filters as they were before it."""
+    """`datadream -q` filters the root logger and its handlers for the rest of its process, and every
+    command points a handler at the stderr of its moment (a test's captured stream, closed after it);
+    the suite runs many commands in one process, so each test starts with the filters as they were
+    before it and without the handlers earlier commands added."""
     root = logging.getLogger()
     before = list(root.filters)
     handlers_before = {h: list(h.filters) for h in root.handlers}
@@ -34,6 +36,9 @@ def root_logging_filters_restored():
     for h in root.handlers:
         for f in [f for f in h.filters if f not in handlers_before.get(h, [])]:
             h.removeFilter(f)
+    # logging.basicConfig's handler (pytest's own capture handlers are subclasses, and are its to remove)
+    for h in [h for h in root.handlers if type(h) is logging.StreamHandler and h not in handlers_before]:
+        root.removeHandler(h)
 
 
 @pytest.fixture(scope="session")

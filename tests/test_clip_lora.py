@@ -203,8 +203,10 @@ def test_text_features_on_the_trimmed_context_equal_the_full_context(clip):
     with torch.no_grad():
         full = model.encode_text(tokens)
         short = encode_text(model, trimmed)
+        straight = encode_text(model, tokens)
     # Causal mask + pooling at the end-of-text token: the padding never reaches the features. Only the
     # matmul shapes differ, so the results agree to float rounding.
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
-    # The full context is passed straight to open_clip.
-    assert torch.equal(encode_text(model, tokens), full)
+    # The full context is passed straight to open_clip: the same call, so the same bits (in the same grad
+    # mode: with autograd on, peft's LoRA on nn.MultiheadAttention merges its weights by another path).
+    assert torch.equal(straight, full)
