@@ -255,6 +255,23 @@ def user_error_notes(folder: str | os.PathLike) -> list[str]:
     return [n.read_text(encoding="utf-8").strip() for n in notes]
 
 
+def interrupt_pipeline(parent_run_id: str) -> None:
+    """An interrupted local run (Ctrl-C): its parent MLflow run and the step runs still RUNNING end
+    KILLED, tagged as interrupted, so the UI shows no run that will never finish."""
+    from mlflow import MlflowClient
+
+    from datadream import tracking
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    running = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                                "attributes.status = 'RUNNING'")
+    for run in [*running, parent]:
+        if run.info.status == "RUNNING":
+            tracking.set_tags({tracking.ERROR_TAG: "interrupted (Ctrl-C)"}, run.info.run_id)
+            tracking.finish_pipeline_run(run.info.run_id, "KILLED")
+
+
 def close_pipeline(experiment: str, kfp_run_id: str, state: str) -> str | None:
     """The pipeline's last word to MLflow (its exit handler): the parent run of `kfp_run_id` in
     `experiment` ends FINISHED when the pipeline succeeded, else FAILED, tagged with the steps that

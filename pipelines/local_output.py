@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -73,7 +74,9 @@ class TaskOutput:
     warm: WarmStarter | None = None  # tasks forked from a warm process (pipelines/warm_start.py); None: cold
     finished: list[Finished] = field(default_factory=list)
     _tasks: dict[Path, Task] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # re-entered by the interrupt handler
+    _running: set[subprocess.Popen] = field(default_factory=set)
+    _stopped: bool = False
 
     # --- naming ---------------------------------------------------------------------------------
 
@@ -117,10 +120,20 @@ class TaskOutput:
                 f.write(f"\n===== attempt {attempt} =====\n")
             start = f.tell()
             f.flush()
-            returncode = self.warm.run(full_command, env, task.log) if self.warm is not None else None
+            if self._stopped:  # interrupted: nothing new starts (kfp.local would still retry)
+                f.write("not started: the run was interrupted\n")
+                returncode = 130
+            else:
+                returncode = self.warm.run(full_command, env, task.log) if self.warm is not None else None
             if returncode is None:
-                returncode = subprocess.run(full_command, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL).returncode
+                with self._lock:
+                    # its own process group: `stop` ends the `sh` of the command and the python under it
+                    proc = subprocess.Popen(full_command, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                            stdin=subprocess.DEVNULL, process_group=0)
+                    self._running.add(proc)
+                returncode = proc.wait()
+                with self._lock:
+                    self._running.discard(proc)
         seconds = time.monotonic() - t0
         self._report(Finished(task, returncode == 0, seconds, attempt), start, returncode)
         return returncode
@@ -130,6 +143,8 @@ class TaskOutput:
     def _report(self, done: Finished, start: int, returncode: int) -> None:
         with self._lock:
             self.finished.append(done)
+            if self._stopped:  # interrupted: the tasks ended because of it, which was said once
+                return
             ok_count = len({f.task.root for f in self.finished if f.ok})
             total = self.total()
             if done.ok and self.quiet:
@@ -192,6 +207,16 @@ class TaskOutput:
             if task is not None:
                 return int(task.get("retryPolicy", {}).get("maxRetryCount", 0))
         return 0
+
+    def stop(self) -> None:
+        """An interrupt: no task starts from now on, and the cold task processes still running end
+        (the warm ones end with their helper, `WarmStarter.close`)."""
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
 
     def failures(self) -> list[Finished]:
         """The tasks whose last attempt failed."""

@@ -13,9 +13,12 @@ with kfp.local's SubprocessRunner (the laptop default).
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import builtins
 import contextlib
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,6 +143,41 @@ def compile_pipeline(package_path: str | os.PathLike, settings: ClusterSettings 
     return package_path
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt(root: Path, before: set[Path], tasks, warm):
+    """Ctrl-C during a local run ends it at once, exit status 130.
+
+    kfp.local alone would take the interrupted steps for failures and wait out their retry backoff (30 s
+    and more) before retrying them. Instead: no task starts any more, the running ones end, the run's
+    MLflow runs still RUNNING end KILLED, and the process exits. Every finished step stays, so the same
+    command resumes where it stopped.
+    """
+    def on_interrupt(signum, frame):
+        sys.stderr.write("\n✗ interrupted: the running steps are stopped; the finished ones are kept, "
+                         "and the same command again resumes the run\n")
+        sys.stderr.flush()
+        if tasks is not None:
+            tasks.stop()
+        if warm is not None:
+            warm.close()
+        for output in [p for run in set(root.iterdir()) - before for p in run.glob("fewshot*/executor_output.json")]:
+            try:
+                parent = json.loads(output.read_text()).get("parameterValues", {}).get("mlflow_run")
+                if parent:
+                    from datadream.steps import interrupt_pipeline
+
+                    interrupt_pipeline(parent)
+            except Exception as e:  # the exit must not wait on a tracking store that fails
+                log.debug("interrupt: MLflow run of %s left as it is: %s", output.parent.parent, e)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAME, *, verbose: bool = False,
               quiet: bool = False, label: str = "", logs_dir: Path | None = None,
               warm: "WarmStarter | bool" = True) -> Path:
@@ -192,6 +230,8 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
                 root, sys.stderr, quiet=quiet, label=label, logs_dir=logs_dir, arguments=arguments,
                 spec=json_format.MessageToDict(ir) if ir is not None else None, warm=warm or None))
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        if threading.current_thread() is threading.main_thread():
+            stack.enter_context(_stop_on_interrupt(root, before, tasks, warm or None))
         stack.enter_context(warnings.catch_warnings())
         # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")

@@ -175,6 +175,9 @@ class WarmStarter:
 
 def serve(preload: list[str], requests: int = 0, results: int = 1) -> None:
     """Fork one child per request line; import `preload` between requests; report exit codes."""
+    # Ctrl-C reaches the tasks; the helper ends when its caller closes the requests (or dies), and then
+    # ends the tasks still running.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     results_fd = os.dup(results)  # stdout is the results pipe: nothing an import prints may reach it
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, results)
@@ -215,6 +218,7 @@ def serve(preload: list[str], requests: int = 0, results: int = 1) -> None:
 
 def _child(request: dict, null: int) -> int:
     """In the forked child: become the task's process, run it, return its exit code."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python program
     os.dup2(null, 0)
     fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)

@@ -24,15 +24,18 @@ def make_shards(n: int) -> list:
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
-def work(shard: str, fail: str) -> str:
+def work(shard: str, fail: str, sleep: float) -> str:
     import atexit
     import os
     import sys
+    import time
 
     print(f"process {os.getpid()} parent {os.getppid()} threads {os.environ.get('OMP_NUM_THREADS')}")
     atexit.register(print, f"exit hooks ran for shard {shard}")  # a program's atexit runs, warm or cold
     for i in range(30):
         print(f"line {i} of shard {shard}")
+    sys.stdout.flush()
+    time.sleep(sleep)
     if shard == fail:
         print(f"shard {shard} fails on purpose", file=sys.stderr)
         sys.exit(3)
@@ -40,7 +43,7 @@ def work(shard: str, fail: str) -> str:
 
 
 @dsl.pipeline(name="toy-fanout", description="A condition, then a ParallelFor over a task's output; for tests.")
-def fanout_pipeline(n: int = 2, fail: str = "", branch: str = "a"):
+def fanout_pipeline(n: int = 2, fail: str = "", branch: str = "a", sleep: float = 0.0):
     shards = make_shards(n=n)
     with dsl.If(branch == "a"), dsl.ParallelFor(shards.output) as shard:
-        work(shard=shard, fail=fail).set_retry(num_retries=1, backoff_duration="0s")
+        work(shard=shard, fail=fail, sleep=sleep).set_retry(num_retries=1, backoff_duration="0s")

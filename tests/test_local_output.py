@@ -197,3 +197,53 @@ def test_where_to_look_links_the_newest_runs_experiment_in_the_model_training_vi
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     text = where_to_look([], tmp_path / "logs", db)
     assert f"then open  http://127.0.0.1:5000/#/experiments/{older}?workflowType=machine_learning" in text
+
+
+INTERRUPTED_RUN = """
+import sys
+import pipelines.pipeline as pp
+import pipelines.warm_start as ws
+from kfp_toy_pipeline import fanout_pipeline
+
+pp.pipeline_function = lambda name, settings=None: fanout_pipeline
+warm = ws.WarmStarter(preload=("json",)) if sys.argv[2] == "warm" else False
+pp.run_local(sys.argv[1], {"n": 2, "sleep": 600.0}, name="toy-fanout", warm=warm)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_ctrl_c_stops_a_local_run_and_its_tasks_at_once(tmp_path, start):
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(INTERRUPTED_RUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ws.Path(__file__).parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), start], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    pids, deadline = {}, time.monotonic() + 120
+    while len(pids) < 2 and time.monotonic() < deadline:  # both iterations are sleeping
+        for log in (tmp_path / "runs").glob("*/logs/work-*.log"):
+            m = re.search(r"process (\d+) parent", log.read_text())
+            if m and "line 29 of shard" in log.read_text():
+                pids[log.name] = int(m.group(1))
+        time.sleep(0.2)
+    if len(pids) < 2:
+        proc.kill()
+        raise AssertionError(f"the tasks did not start: {proc.communicate()[1][-2000:]}")
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # to this process alone, as `kill -INT` would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t < 20
+    assert "interrupted: the running steps are stopped" in err
+    for pid in pids.values():  # the task processes end with the run
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"task process {pid} outlived the interrupted run")
