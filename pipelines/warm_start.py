@@ -109,7 +109,12 @@ class WarmStarter:
             return None
         with self._lock:
             if self._proc is None:
-                self._start(env)
+                try:
+                    self._start(env)
+                except OSError as e:  # no helper: every task starts cold, as kfp.local starts it
+                    log.warning("warm start: the helper did not start (%s); tasks start cold", e)
+                    self._broken = True
+                    return None
             if not _same_environment(env, self._env):
                 log.debug("warm start: the task's environment differs from the helper's; starting it cold")
                 return None
@@ -140,7 +145,11 @@ class WarmStarter:
 
     def _read(self) -> None:
         for line in self._proc.stdout:
-            ident, code = map(int, line.split())
+            try:
+                ident, code = map(int, line.split())
+            except ValueError:  # not a result line; the helper writes nothing else there
+                log.debug("warm start: ignored %r from the helper", line)
+                continue
             with self._lock:
                 done = self._waiting.pop(ident, None)
             if done is not None:

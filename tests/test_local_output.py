@@ -4,6 +4,7 @@
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from kfp import compiler
@@ -152,6 +153,10 @@ def test_only_kfps_own_lightweight_command_starts_warm():
     assert not ws.lightweight_task([*command, "--executor_input", "{}"])  # another interpreter: python3 on PATH
     assert not ws.lightweight_task([ours[0], ours[1], ours[2] + "rm -rf /tmp/x\n", ours[3]])
     assert not ws.lightweight_task(["python3", "-c", "print(1)", "x"])
+    # no helper process (e.g. the interpreter cannot start): the task starts cold, as kfp.local starts it
+    starter = ws.WarmStarter(preload=())
+    starter._start = lambda env: (_ for _ in ()).throw(OSError("no processes left"))
+    assert starter.run([*ours, "--executor_input", "{}"], dict(os.environ), Path("unused.log")) is None
     base = {"PATH": "/bin", "OMP_NUM_THREADS": "2"}
     assert ws._same_environment(base, {"PATH": "/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert not ws._same_environment(base, {**base, "HF_HOME": "/elsewhere"})
