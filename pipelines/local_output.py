@@ -190,11 +190,13 @@ class TaskOutput:
         at once gets half. Where the loop is unknown, one thread, which never oversubscribes.
         """
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        loops = [m.group(1) for part in root.relative_to(self.pipeline_root).parts
+                 if (m := re.fullmatch(r"(for-loop-\d+)-iteration-\d+", part))]
         at_once = 1
-        for part in root.relative_to(self.pipeline_root).parts:
-            m = re.fullmatch(r"(for-loop-\d+)-iteration-\d+", part)
-            if m:
-                n = concurrent_iterations(self.spec, self.arguments, self._outputs(), m.group(1)) if self.spec else None
+        if loops:
+            outputs = self._outputs() if self.spec else {}
+            for loop in loops:
+                n = concurrent_iterations(self.spec, self.arguments, outputs, loop) if self.spec else None
                 if n is None:
                     return 1
                 at_once *= n
@@ -202,9 +204,8 @@ class TaskOutput:
 
     def retries(self, task_name: str) -> int:
         """The retry count of the task called `task_name` in the pipeline's IR (0 when unknown)."""
-        for comp in [(self.spec or {}).get("root", {}), *(self.spec or {}).get("components", {}).values()]:
-            task = comp.get("dag", {}).get("tasks", {}).get(task_name)
-            if task is not None:
+        for name, task in _dag_tasks(self.spec or {}):
+            if name == task_name:
                 return int(task.get("retryPolicy", {}).get("maxRetryCount", 0))
         return 0
 
@@ -274,15 +275,20 @@ def _channel_values(spec: dict, arguments: dict, outputs: dict):
 def concurrent_iterations(spec: dict, arguments: dict, outputs: dict, loop: str) -> int | None:
     """How many iterations of the ParallelFor `loop` ("for-loop-3") kfp.local runs at once: its items,
     at most its parallelism limit and at most KFP_LOCAL_LOOP_WORKERS (kfp 2.17 runs two at a time)."""
-    for comp in [spec["root"], *spec["components"].values()]:
-        for t in comp.get("dag", {}).get("tasks", {}).values():
-            if t.get("componentRef", {}).get("name") == f"comp-{loop}" and "parameterIterator" in t:
-                items = _loop_items(t, _channel_values(spec, arguments, outputs))
-                if items is None:
-                    return None
-                limit = int(t.get("iteratorPolicy", {}).get("parallelismLimit", 0)) or len(items)
-                return max(1, min(len(items), limit, KFP_LOCAL_LOOP_WORKERS))
+    for _, t in _dag_tasks(spec):
+        if t.get("componentRef", {}).get("name") == f"comp-{loop}" and "parameterIterator" in t:
+            items = _loop_items(t, _channel_values(spec, arguments, outputs))
+            if items is None:
+                return None
+            limit = int(t.get("iteratorPolicy", {}).get("parallelismLimit", 0)) or len(items)
+            return max(1, min(len(items), limit, KFP_LOCAL_LOOP_WORKERS))
     return None
+
+
+def _dag_tasks(spec: dict) -> Iterator[tuple[str, dict]]:
+    """Every task of the pipeline's IR, (name, task spec), in the root DAG and in each component's."""
+    for comp in [spec.get("root", {}), *spec.get("components", {}).values()]:
+        yield from comp.get("dag", {}).get("tasks", {}).items()
 
 
 def count_tasks(spec: dict, arguments: dict, outputs: dict) -> int | None:

@@ -217,8 +217,6 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
     root_logger = logging.getLogger()
     saved_logging = root_logger.handlers[:], root_logger.level
     with contextlib.ExitStack() as stack:
-        if warm is True:
-            warm = stack.enter_context(WarmStarter(root / "warm-start.log"))
         if verbose:  # kfp.local logs every task to stdout; stdout is for our results, so its log goes to stderr
             tasks = None
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
@@ -226,12 +224,15 @@ def run_local(root: str | os.PathLike, arguments: dict, name: str = PIPELINE_NAM
             from google.protobuf import json_format
 
             ir = getattr(pipeline, "pipeline_spec", None)  # the compiled IR, to count the tasks ahead
+            if warm is True:  # its own helper (kfp.local's own stream, with -v, starts every task cold)
+                warm = stack.enter_context(WarmStarter(root / "warm-start.log"))
             tasks = stack.enter_context(task_output(
                 root, sys.stderr, quiet=quiet, label=label, logs_dir=logs_dir, arguments=arguments,
                 spec=json_format.MessageToDict(ir) if ir is not None else None, warm=warm or None))
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        warm = warm if isinstance(warm, WarmStarter) else None  # a starter, or none at all
         if threading.current_thread() is threading.main_thread():
-            stack.enter_context(_stop_on_interrupt(root, before, tasks, warm or None))
+            stack.enter_context(_stop_on_interrupt(root, before, tasks, warm))
         stack.enter_context(warnings.catch_warnings())
         # Resources, GPUs and Kubernetes settings are for the cluster; locally they are expected no-ops.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")

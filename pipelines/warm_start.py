@@ -137,7 +137,7 @@ class WarmStarter:
         try:
             self._proc = subprocess.Popen([sys.executable, "-m", "pipelines.warm_start", *self.preload],
                                           stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=err, env=env, cwd=os.getcwd())
+                                          stdout=subprocess.PIPE, stderr=err, env=env)
         finally:
             if err is not subprocess.DEVNULL:
                 err.close()
