@@ -37,7 +37,9 @@ class RunConfig(Section):
     compile: bool = Field(
         False,
         description="torch.compile the UNet and text encoder (adapt), the UNet and VAE (generate) and both CLIP "
-        "towers (classify), in place. CUDA only: on CPU the models stay eager whatever this says.",
+        "towers (classify), in place, on any device (inductor: Triton kernels on CUDA, C++ on CPU, which needs a "
+        "C compiler). The first steps pay the compilation (minutes for SD on CPU); results change by float "
+        "rounding only.",
     )
     channels_last: bool = Field(
         False, description="UNet and VAE weights and activations in channels-last memory format (CUDA only)."

@@ -191,3 +191,49 @@ def test_generate_needs_a_finished_adapter_folder(tmp_path, fewshot_set, tiny):
         generate.run(tiny(*FAST), fewshot_set, tmp_path / "half", tmp_path / "out")
     with pytest.raises(UserError, match="--shard"):
         generate.run(tiny(*FAST), fewshot_set, tmp_path / "half", tmp_path / "out", shard="3/2")
+
+
+@pytest.mark.slow
+def test_compiled_class_wise_adapt_resumes_bit_for_bit(tmp_path, fewshot_set, tiny, monkeypatch):
+    """run.compile=true (inductor; C++ kernels on this CPU, Triton on CUDA): a class-wise run stopped right
+    after a checkpoint resumes to exactly the weights of an uninterrupted compiled run."""
+    settings = ("adapt.max_steps=4", "adapt.checkpoint_every=2")
+    shard = "0/3"  # 2 of the 6 classes: two units, so the second resumes while the first is finished
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    straight = adapt.run(tiny(*settings, "run.compile=true"), fewshot_set, tmp_path / "straight", shard=shard)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+
+    class Killed(Exception):
+        pass
+
+    save, saved = adapt.save_checkpoint, []
+
+    def save_then_die(ckpt_dir, step, *args, **kwargs):
+        save(ckpt_dir, step, *args, **kwargs)
+        saved.append((Path(ckpt_dir).name, step))
+        if len(saved) == 2:  # the second unit's checkpoint at step 2 of 4
+            raise Killed
+
+    monkeypatch.setattr(adapt, "save_checkpoint", save_then_die)
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        adapt.run(tiny(*settings, "run.compile=true"), fewshot_set, killed, shard=shard)
+    monkeypatch.setattr(adapt, "save_checkpoint", save)
+    assert not (killed / "adapter.json").exists()
+    units = [u for u, _ in saved]
+    assert len(set(units)) == 2 and (killed / units[0] / "adapter.json").exists()
+
+    adapt.run(tiny(*settings, "run.compile=true"), fewshot_set, killed, shard=shard)
+    for unit in units:
+        a, b = load_file(killed / unit / adapt.WEIGHTS), load_file(straight / unit / adapt.WEIGHTS)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), unit
+
+    # Compiled and eager kernels sum in different orders (fused reductions), so the weights agree to float
+    # rounding, not bit for bit: eager and compiled runs are not interchangeable mid-unit for exact resume.
+    eager = adapt.run(tiny(*settings), fewshot_set, tmp_path / "eager", shard=shard)
+    for unit in units:
+        a, b = load_file(eager / unit / adapt.WEIGHTS), load_file(straight / unit / adapt.WEIGHTS)
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), unit

@@ -350,9 +350,10 @@ class FusedLora:
 def apply_speed_options(run, device, *, unet=None, vae=None, text_encoder=None) -> list[str]:
     """Apply the run section's speed options to the given SD modules, in place; returns what was applied.
 
-    run.attention=classic sets diffusers' AttnProcessor (any device). channels_last and compile act on
-    CUDA only: CPU runs (tests, the tiny preset) stay eager. Compilation is nn.Module.compile, in place,
-    so parameter names (and so LoRA state dict keys and checkpoints) do not change.
+    run.attention=classic sets diffusers' AttnProcessor and run.compile compiles (inductor: Triton kernels on
+    CUDA, C++ on CPU, which needs a C compiler), on any device; channels_last acts on CUDA only. Compilation
+    is nn.Module.compile, in place, so parameter names (and so LoRA state dict keys and checkpoints) do not
+    change.
     """
     import torch
 
@@ -364,9 +365,7 @@ def apply_speed_options(run, device, *, unet=None, vae=None, text_encoder=None) 
             if m is not None:
                 m.set_attn_processor(AttnProcessor())
         applied.append("attention=classic")
-    if getattr(device, "type", device) != "cuda":
-        return applied
-    if run.channels_last:
+    if run.channels_last and getattr(device, "type", device) == "cuda":
         for m in (unet, vae):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
