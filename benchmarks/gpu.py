@@ -18,7 +18,9 @@ paper's ten datasets (docs/method.md): 400 adapt steps × classes / steps/s + 50
 
 Speed options are flags (`--compile`, `--channels-last`, `--attention`, `--gen-batch`); `--try-all`
 measures each of them against the baseline in the same run (adapt and generate, the stages that
-dominate the GPU-hours) and reports which wins.
+dominate the GPU-hours) and reports which wins. Under a time budget (`--budget-s`; 420 s by default for
+`--preset real --try-all`) it measures the options most likely to matter first and reports the ones
+that no longer fit as skipped.
 
     .venv/bin/python benchmarks/gpu.py                        # tiny models on CPU, CI-sized (< 1 min)
     .venv/bin/python benchmarks/gpu.py --preset real          # SD 2.1 base + ViT-B/16, GPU, bf16
@@ -39,6 +41,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,6 +134,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+# What a GPU session gives `--preset real --try-all`: the whole run, the baseline included, in 7 minutes.
+TRY_ALL_BUDGET_S = 420.0
 
 # --- options -------------------------------------------------------------------------------------------------
 
@@ -424,53 +430,83 @@ def try_variant(name: str, fn) -> dict[str, Any]:
                 "error": f"{type(e).__name__}: {e}"[:500]}
 
 
-def run_try_all(config, args, fewshot_dir: Path, adapters: Path, work: Path, base: Options,
-                on_row=None) -> dict[str, Any]:
-    preset = PRESETS[args.preset]
-    variants = {
-        "baseline": Options(),
-        "channels-last": Options(channels_last=True),
-        "compile": Options(compile=True),
-        "attention=flash": Options(attention="flash"),
-        "attention=classic (no SDPA)": Options(attention="classic"),
-    }
-    results: dict[str, Any] = {"adapt": [], "generate": []}
-    for name, opts in variants.items():
-        def adapt_fig(opts=opts, name=name) -> Figure:
-            cfg = config_for(config, opts)
-            warm_up(opts, "adapt", lambda: measure_adapt(cfg, fewshot_dir, work / f"try-adapt-{name}-warm", (1, 2)))
-            figs, _ = measure_adapt(cfg, fewshot_dir, work / f"try-adapt-{name}", tuple(args.adapt_steps))
-            return figs[0]
-        results["adapt"].append(try_variant(f"adapt {name}", adapt_fig))
-        if on_row is not None:
-            on_row({"try_all": results})
-    gen_variants = dict(variants)
-    gen_variants.update({f"batch {b}": Options(gen_batch=b) for b in preset["try_batches"]})
-    per_class = (min(args.images_per_class), max(max(args.images_per_class), *preset["try_batches"]))
-    for name, opts in gen_variants.items():
-        opts = opts if opts.gen_batch else replace(opts, gen_batch=base.gen_batch)
+# The options in the order --try-all measures them, each for adapt and then generate: the ones most likely to
+# change the paper preset's settings first, so that a time budget drops the least useful rows.
+TRY_OPTIONS: tuple[tuple[str, Options], ...] = (
+    ("compile", Options(compile=True)),
+    ("channels-last", Options(channels_last=True)),
+    ("attention=flash", Options(attention="flash")),
+    ("attention=classic (no SDPA)", Options(attention="classic")),
+)
 
-        def gen_fig(opts=opts, name=name) -> Figure:
-            cfg = config_for(config, opts)
-            warm_up(opts, "generate", lambda: measure_generate(
-                with_(cfg, generate={"images_per_class": 1}), fewshot_dir, adapters,
-                work / f"try-generate-{name}-warm"))
-            fig, _, _ = measure_generate_rate(cfg, fewshot_dir, adapters, work / f"try-generate-{name}", per_class)
-            return fig
-        results["generate"].append(try_variant(f"generate {name}", gen_fig))
+
+def try_all_plan(preset: dict[str, Any], base: Options, reuse_baseline: bool) -> list[tuple[str, str, Options]]:
+    """(stage, variant, options) in measuring order. The baseline is measured first unless the main run's
+    figures can stand for it (`reuse_baseline`: same settings, same workloads); generation batch sizes come
+    after the options, and the baseline again last, which gauges the noise of the whole run."""
+    plain = Options(gen_batch=base.gen_batch)
+    plan = [] if reuse_baseline else [("adapt", "baseline", plain), ("generate", "baseline", plain)]
+    for name, opts in TRY_OPTIONS:
+        plan += [("adapt", name, opts), ("generate", name, replace(opts, gen_batch=base.gen_batch))]
+    plan += [("generate", f"batch {b}", Options(gen_batch=b)) for b in preset["try_batches"] if b != base.gen_batch]
+    plan.append(("generate", "baseline, again", plain))
+    return plan
+
+
+def run_try_all(config, args, fewshot_dir: Path, adapters: Path, work: Path, base: Options,
+                on_row=None, *, main_rows: dict[str, dict[str, Any]] | None = None,
+                estimate_s: dict[str, float] | None = None, deadline: float | None = None,
+                clock=time.monotonic) -> dict[str, Any]:
+    """Each option against the baseline, in one process. `main_rows` are the main run's adapt and generate
+    figures as try-all rows: they stand for the baseline when the main run used no option. With a `deadline`
+    (a `clock()` value), a variant starts only if its stage's `estimate_s` (the main run's warm-up and timed
+    pair) still fits; the others are reported as skipped."""
+    preset = PRESETS[args.preset]
+    per_class = (min(args.images_per_class), max(max(args.images_per_class), *preset["try_batches"]))
+    reuse = main_rows is not None and replace(base, gen_batch=None) == Options() \
+        and per_class == tuple(args.images_per_class)
+    results: dict[str, Any] = {"adapt": [], "generate": []}
+    if reuse:
+        for stage in results:
+            results[stage].append(main_rows[stage] | {"variant": f"{stage} baseline (the main run)"})
+
+    for stage, name, opts in try_all_plan(preset, base, reuse):
+        label = f"{stage} {name}"
+        need = (estimate_s or {}).get(stage, 0.0)
+        if deadline is not None and clock() + need > deadline:
+            left = max(0.0, deadline - clock())
+            log.info("try-all: %s skipped: %.0f s left of the time budget, about %.0f s needed", label, left, need)
+            results[stage].append({"variant": label, "value": None, "unit": None, "peak_gpu_gib": None,
+                                   "error": None, "skipped": f"time budget: {left:.0f} s left, ~{need:.0f} s needed"})
+            continue
+        cfg = config_for(config, opts)
+        if stage == "adapt":
+            def fig(cfg=cfg, name=name, opts=opts) -> Figure:
+                warm_up(opts, "adapt", lambda: measure_adapt(cfg, fewshot_dir, work / f"try-adapt-{name}-warm",
+                                                             (1, 2)))
+                figs, _ = measure_adapt(cfg, fewshot_dir, work / f"try-adapt-{name}", tuple(args.adapt_steps))
+                return figs[0]
+        else:
+            def fig(cfg=cfg, name=name, opts=opts) -> Figure:
+                warm_up(opts, "generate", lambda: measure_generate(
+                    with_(cfg, generate={"images_per_class": 1}), fewshot_dir, adapters,
+                    work / f"try-generate-{name}-warm"))
+                return measure_generate_rate(cfg, fewshot_dir, adapters, work / f"try-generate-{name}", per_class)[0]
+        results[stage].append(try_variant(label, fig))
         if on_row is not None:
             on_row({"try_all": results})
+
     winners = {}
-    for stage, rows in results.items():
-        ok = [r for r in rows if r["value"] is not None and r["value"] == r["value"]]
+    for stage in ("adapt", "generate"):
+        ok = [r for r in results[stage] if r["value"] is not None and r["value"] == r["value"]]
         if ok:
             best = max(ok, key=lambda r: r["value"])
-            baseline = next((r["value"] for r in ok if r["variant"].endswith(" baseline")), None)
+            baseline = next((r["value"] for r in ok if " baseline" in r["variant"]), None)
             winners[stage] = {"variant": best["variant"], "value": best["value"],
                               "vs_baseline": best["value"] / baseline if baseline else None}
-    # "baseline" and "batch <gen_batch>" are the same settings measured twice: their spread gauges the noise.
+    # The baseline measured at the start (or in the main run) and again at the end: their gap gauges the noise.
     same = [r["value"] for r in results["generate"]
-            if r["value"] is not None and r["variant"] in ("generate baseline", f"generate batch {base.gen_batch}")]
+            if r["value"] is not None and r["value"] == r["value"] and " baseline" in r["variant"]]
     if len(same) == 2 and min(same) > 0:
         winners["generate_repeat_spread"] = max(same) / min(same) - 1
     results["winners"] = winners
@@ -496,15 +532,20 @@ def run_benchmark(config, args, work: Path, opts: Options, on_row=None) -> dict[
         if on_row is not None:
             on_row({"figures": partial_rows, "peak": peak, "setup": setup})
 
+    spent: dict[str, float] = {}  # each stage's warm-up and timed pair: what a --try-all variant will cost
     log.info("adapt (%s)", opts.label())
+    t0 = time.monotonic()
     warm_up(opts, "adapt", lambda: measure_adapt(ours_config, fewshot_dir, work / "adapt-warm", (1, 2)))
     adapt_figs, adapters = measure_adapt(ours_config, fewshot_dir, work / "adapt", tuple(args.adapt_steps))
+    spent["adapt"] = time.monotonic() - t0
     finished(*adapt_figs)
     log.info("generate, ours (%s)", opts.label())
+    t0 = time.monotonic()
     warm_up(opts, "generate", lambda: measure_generate(
         with_(ours_config, generate={"images_per_class": 1}), fewshot_dir, adapters, work / "generate-warm"))
     gen_rate, gen_end_to_end, synthetic = measure_generate_rate(
         ours_config, fewshot_dir, adapters, work / "generate", tuple(args.images_per_class))
+    spent["generate"] = time.monotonic() - t0
     finished(gen_rate)
     log.info("generate, the reference code's way")
     ref_config = with_(config, generate={"images_per_class": max(args.images_per_class)})
@@ -578,7 +619,12 @@ def run_benchmark(config, args, work: Path, opts: Options, on_row=None) -> dict[
     if on_row is not None:
         on_row({k: v for k, v in result.items() if k != "setup"})
     if args.try_all:
-        result["try_all"] = run_try_all(config, args, fewshot_dir, adapters, work, opts, on_row)
+        main_rows = {"adapt": {"value": adapt_fig.value, "unit": adapt_fig.unit,
+                               "peak_gpu_gib": adapt_fig.details.get("peak_gpu_gib"), "error": None},
+                     "generate": {"value": gen_rate.value, "unit": gen_rate.unit,
+                                  "peak_gpu_gib": gen_rate.details.get("peak_gpu_gib"), "error": None}}
+        result["try_all"] = run_try_all(config, args, fewshot_dir, adapters, work, opts, on_row,
+                                        main_rows=main_rows, estimate_s=spent, deadline=args.deadline)
     return result
 
 
@@ -613,8 +659,8 @@ def format_tables(result: dict[str, Any], device: str) -> str:
         trows = [("variant", "figure", "unit", "peak GiB", "error")]
         for stage in ("adapt", "generate"):
             for r in result["try_all"][stage]:
-                trows.append((r["variant"], _fmt(r["value"]), r["unit"] or "", _fmt(r["peak_gpu_gib"]),
-                              (r["error"] or "")[:80]))
+                note = r["error"] or (f"skipped ({r['skipped']})" if r.get("skipped") else "")
+                trows.append((r["variant"], _fmt(r["value"]), r["unit"] or "", _fmt(r["peak_gpu_gib"]), note[:80]))
         lines += _columns(trows)
         winners = result["try_all"]["winners"]
         spread = winners.get("generate_repeat_spread")
@@ -624,7 +670,7 @@ def format_tables(result: dict[str, Any], device: str) -> str:
             lines.append(f"winner, {stage}: {w['variant']} ({_fmt(w['value'])}; "
                          f"{_fmt(w['vs_baseline'], '.2f')}× the baseline)")
         if spread is not None:
-            lines.append(f"noise: the baseline measured twice (as 'baseline' and 'batch <same>') differs by "
+            lines.append(f"noise: the baseline measured at the start and again at the end differs by "
                          f"{100 * spread:.0f}%; smaller gaps between variants are not a win")
     return "\n".join(lines)
 
@@ -668,6 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch", type=int, help="generate.batch_size of our generation (the tuned batch)")
     p.add_argument("--try-all", action="store_true", help="also measure each option against the baseline in "
                    "this run (adapt and generate; and generation batch sizes) and report which wins")
+    p.add_argument("--budget-s", type=float, metavar="S", help="wall-time budget of the whole run, model builds "
+                   "included: --try-all starts a variant only while the main run's time for its stage still fits, "
+                   f"and reports the rest as skipped (default {TRY_ALL_BUDGET_S:.0f} with --preset real --try-all, "
+                   "else none)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="extra config override (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
@@ -677,9 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.budget_s is None and args.try_all and args.preset == "real":
+        args.budget_s = TRY_ALL_BUDGET_S
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s {args.budget_s}: need a positive number of seconds")
+    args.deadline = None if args.budget_s is None else t_start + args.budget_s
     for key in ("classes", "images_per_class", "steps", "adapt_steps", "classify_epochs", "classify_images",
                 "gen_batch"):
         if getattr(args, key) is None:
@@ -762,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "options": asdict(opts),
         "settings": {k: getattr(args, k) for k in ("classes", "images_per_class", "steps", "adapt_steps",
-                                                   "classify_epochs", "classify_images", "threads", "try_all")}
+                                                   "classify_epochs", "classify_images", "threads", "try_all",
+                                                   "budget_s")}
         | {"overrides": args.overrides, "reference_batch": REFERENCE_BATCH, **result["setup"]},
         **{k: v for k, v in result.items() if k not in ("figures", "setup")},
         "figures": [asdict(f) for f in result["figures"]],

@@ -115,3 +115,81 @@ def test_tiny_preset_runs_on_cpu_with_only_what_the_gpu_machine_has(tmp_path):
     # The table went to stdout; progress went to the log (stderr).
     assert "generate (reference)" in proc.stdout and "ImageNet" in proc.stdout
     assert "benchmarks.gpu" in proc.stderr
+
+
+def _fake_try_all(monkeypatch, gpu, cost_s: float):
+    """measure_* stand-ins on a fake clock: each stage measurement costs `cost_s`; compile doubles the rate and
+    flash attention fails, as it can on a card without the kernel."""
+    now = [0.0]
+
+    def rate(cfg) -> float:
+        if cfg.run.attention == "flash":
+            raise RuntimeError("No available kernel")
+        return 2.0 if cfg.run.compile else 1.0
+
+    def measure_adapt(cfg, fewshot_dir, work, steps):
+        now[0] += cost_s / 2
+        return [gpu.Figure("adapt", rate(cfg), "steps/s", "")], work
+
+    def measure_generate(cfg, fewshot_dir, adapters, work):  # the warm-up
+        now[0] += cost_s / 2
+        return gpu.Figure("generate", rate(cfg), "img/s", ""), work
+
+    def measure_generate_rate(cfg, fewshot_dir, adapters, work, per_class):
+        now[0] += cost_s / 2
+        fig = gpu.Figure("generate", rate(cfg) * (1 + cfg.generate.batch_size / 8), "img/s", "")
+        return fig, fig, work
+
+    monkeypatch.setattr(gpu, "measure_adapt", measure_adapt)
+    monkeypatch.setattr(gpu, "measure_generate", measure_generate)
+    monkeypatch.setattr(gpu, "measure_generate_rate", measure_generate_rate)
+    return lambda: now[0]
+
+
+def test_try_all_measures_the_likeliest_options_first_and_skips_what_the_budget_cannot_fit(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from datadream.config import load_config
+
+    gpu = _load_gpu_module()
+    clock = _fake_try_all(monkeypatch, gpu, cost_s=10.0)
+    args = SimpleNamespace(preset="tiny", images_per_class=(4, 8), adapt_steps=(2, 8))
+    config, base = load_config("tiny"), gpu.Options(gen_batch=4)
+    main_rows = {"adapt": {"value": 1.0, "unit": "steps/s", "peak_gpu_gib": None, "error": None},
+                 "generate": {"value": 1.5, "unit": "img/s", "peak_gpu_gib": None, "error": None}}
+
+    # No budget: every variant, the main run standing for the baseline, failures recorded, not fatal.
+    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_rows=main_rows,
+                             estimate_s={"adapt": 10.0, "generate": 10.0}, clock=clock)
+    adapt_rows = [r["variant"] for r in result["adapt"]]
+    gen_rows = [r["variant"] for r in result["generate"]]
+    assert adapt_rows == ["adapt baseline (the main run)", "adapt compile", "adapt channels-last",
+                          "adapt attention=flash", "adapt attention=classic (no SDPA)"]
+    assert gen_rows[0] == "generate baseline (the main run)" and gen_rows[-1] == "generate baseline, again"
+    assert {"generate batch 2", "generate batch 8"} <= set(gen_rows) and "generate batch 4" not in gen_rows
+    flash = next(r for r in result["adapt"] if r["variant"] == "adapt attention=flash")
+    assert flash["value"] is None and "No available kernel" in flash["error"]
+    assert result["winners"]["adapt"] == {"variant": "adapt compile", "value": 2.0, "vs_baseline": 2.0}
+    # batch 8: 1 × (1 + 8/8) = 2.0 img/s, below compile's 2 × 1.5 = 3.0
+    assert result["winners"]["generate"] == {"variant": "generate compile", "value": 3.0, "vs_baseline": 2.0}
+    assert result["winners"]["generate_repeat_spread"] == 0.0  # 1.5 in the main run and again at the end
+    assert clock() == 10.0 * 9 + 5.0 * 2  # 11 variants measured; flash fails in its warm-up, half the cost
+
+    # A budget for three variants: compile for both stages and channels-last for adapt, then only skips.
+    clock = _fake_try_all(monkeypatch, gpu, cost_s=10.0)
+    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_rows=main_rows,
+                             estimate_s={"adapt": 10.0, "generate": 10.0}, deadline=35.0, clock=clock)
+    measured = [r["variant"] for s in ("adapt", "generate") for r in result[s]
+                if not r.get("skipped") and "main run" not in r["variant"]]
+    assert sorted(measured) == ["adapt channels-last", "adapt compile", "generate compile"]
+    skipped = [r for s in ("adapt", "generate") for r in result[s] if r.get("skipped")]
+    assert len(skipped) == 8 and all(r["value"] is None and "time budget" in r["skipped"] for r in skipped)
+    assert clock() == 30.0
+    table = gpu.format_tables({"figures": [], "peak": {"flops_s": 1e12, "how": "-"},
+                               "estimate": {"basis": "-", "datasets": {}}, "try_all": result}, "CPU")
+    assert "skipped (time budget" in table and "winner, adapt: adapt compile" in table
+
+    # With an option on in the main run, the baseline is measured first instead of reused.
+    plan = gpu.try_all_plan(gpu.PRESETS["tiny"], gpu.Options(compile=True, gen_batch=4), reuse_baseline=False)
+    assert plan[:2] == [("adapt", "baseline", gpu.Options(gen_batch=4)), ("generate", "baseline",
+                                                                          gpu.Options(gen_batch=4))]
