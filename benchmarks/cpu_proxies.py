@@ -6,15 +6,18 @@ Three figures, each measured both ways in the same run:
    chain on the PIL image, ship float32) against the new one (read uint8 pixels from the decoded-once cache
    and draw each sample's augmentation parameters; the augmentations themselves run on the GPU). The
    one-time cache build (decode + resize) is reported too.
-2. operations issued per adapt step, counted with torch.profiler (every aten op the step dispatches) on Stable
-   Diffusion 2.1's topology at reduced width (same blocks, layers and attention count; bf16 autocast on the
-   CPU as on a GPU): the old step (for-each AdamW, peft casting LoRA inputs to fp32, two `loss.item()` host
-   syncs) against the new one (fused AdamW, no input casts, no syncs). On a GPU each op is a kernel launch
-   of ≈30 µs or more, so this count bounds the step time.
+2. operations issued per adapt step, counted with torch.profiler (every aten op the step dispatches, and the
+   kernels among them: ops that call no other op) on Stable Diffusion 2.1's topology at reduced width (same
+   blocks, layers and attention count; bf16 autocast on the CPU as on a GPU): the old step (for-each AdamW,
+   peft casting LoRA inputs to fp32, two `loss.item()` host syncs) against the new one (fused AdamW, no
+   input casts, no syncs), and with `--compile` the new one with the UNet and text encoder compiled
+   (inductor's generated kernels counted too). On a GPU each kernel is a launch of ≈30 µs or more, so this
+   count bounds the step time.
 3. PNG writes of generated 512 px images (encode + fsync + rename): serial on the main thread against
    generate's thread pool (datadream.stages.generate.PngWriter).
 
     .venv/bin/python benchmarks/cpu_proxies.py            # about a minute on 2 cores
+    .venv/bin/python benchmarks/cpu_proxies.py --compile  # + the compiled adapt step (minutes more)
     .venv/bin/python benchmarks/cpu_proxies.py --json benchmarks/results/cpu-proxies.json
 
 Figures are for this machine only; they show causes removed, not GPU throughput.
@@ -109,8 +112,52 @@ def loader_rates(work: Path, n: int) -> dict:
             "augment_batch_on_cpu_img_s": cpu_aug_rate, "images": n}
 
 
-def adapt_ops(fused: bool) -> dict:
-    """aten ops and host syncs of one adapt step on the reduced topology, old (fused=False) or new way."""
+# aten ops that only make views or allocate, or read a scalar: no kernel runs on a GPU for them.
+NO_KERNEL = frozenset(f"aten::{n}" for n in (
+    "as_strided", "view", "_unsafe_view", "_reshape_alias", "reshape", "resolve_conj", "resolve_neg", "detach",
+    "detach_", "empty", "empty_strided", "empty_like", "alias", "t", "transpose", "permute", "expand", "unsqueeze",
+    "squeeze", "slice", "select", "split", "chunk", "narrow", "flatten", "lift_fresh", "result_type",
+    "broadcast_tensors", "_nnpack_available", "resize_", "to", "contiguous", "_local_scalar_dense", "item"))
+
+
+def count_kernels(events) -> int:
+    """Kernels a GPU would launch for a profiled CPU step: the innermost ops that compute (aten::linear calls
+    aten::addmm, which runs; views and allocations run nothing) and inductor's generated kernels. A for-each
+    op (aten::_foreach_*) counts once: on a GPU it is one multi-tensor kernel (a few launches for hundreds of
+    tensors), while on a CPU it loops over per-tensor ops."""
+
+    def computes(e) -> bool:
+        return "_cpp_fused_" in e.name or (e.name.startswith("aten::") and e.name not in NO_KERNEL)
+
+    def under_foreach(e) -> bool:
+        e = e.cpu_parent
+        while e is not None:
+            if e.name.startswith("aten::_foreach_"):
+                return True
+            e = e.cpu_parent
+        return False
+
+    def innermost(e) -> bool:
+        todo = list(e.cpu_children)
+        while todo:
+            c = todo.pop()
+            if computes(c):
+                return False
+            todo.extend(c.cpu_children)
+        return True
+
+    n = 0
+    for e in events:
+        if e.name.startswith("aten::_foreach_"):
+            n += not under_foreach(e)
+        elif computes(e) and not under_foreach(e) and innermost(e):
+            n += 1
+    return n
+
+
+def adapt_ops(fused: bool, compiled: bool = False) -> dict:
+    """aten ops, kernels and host syncs of one adapt step on the reduced topology, old (fused=False) or new
+    way, optionally with the UNet and text encoder compiled (run.compile)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -139,6 +186,11 @@ def adapt_ops(fused: bool) -> dict:
     sched = DDPMScheduler(num_train_timesteps=1000)
     ids = torch.randint(0, 49407, (1, 77))
     lora_layers = sum(isinstance(m, LoraLayer) for m in (*unet.modules(), *text.modules()))
+    if compiled:
+        # Each of inductor's generated kernels gets a profiler event, so that they can be counted.
+        torch._inductor.config.cpp.enable_kernel_profile = True
+        unet.compile()
+        text.compile()
 
     def step() -> None:
         latents = torch.randn(2, 4, 16, 16)
@@ -157,11 +209,20 @@ def adapt_ops(fused: bool) -> dict:
             loss.item()
             loss.item()
 
-    step()  # warm-up: optimizer state, allocator
+    t0 = time.perf_counter()
+    step()  # warm-up: optimizer state, allocator, and the compilation
+    first_step_s = time.perf_counter() - t0
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     events = prof.events()
     ops = [e.name for e in events if e.name.startswith("aten::")]
+
+    kernels = count_kernels(events)
 
     def in_optimizer(e) -> bool:  # AdamW reads its CPU step counters: host-side, no wait on a GPU
         while e is not None:
@@ -171,8 +232,9 @@ def adapt_ops(fused: bool) -> dict:
         return False
 
     reads = sum(e.name == "aten::item" and not in_optimizer(e) for e in events)
-    return {"aten_ops": len(ops), "device_reads": reads,
-            "copies": sum(n in ("aten::_to_copy", "aten::copy_") for n in ops), "lora_layers": lora_layers}
+    return {"aten_ops": len(ops), "kernels": kernels, "device_reads": reads,
+            "copies": sum(n in ("aten::_to_copy", "aten::copy_") for n in ops), "lora_layers": lora_layers,
+            "first_step_s": round(first_step_s, 1), "step_s": sorted(times)[1]}
 
 
 def png_rates(work: Path, n: int) -> dict:
@@ -207,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=64, help="512 px PNGs for the loader and PNG figures")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--compile", action="store_true", help="also count the adapt step with the UNet and text "
+                   "encoder compiled (run.compile; the compilation takes minutes on a CPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import torch
@@ -220,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         loader = loader_rates(work, args.images)
         torch.set_num_threads(os.cpu_count() or 1)
         ops = {"before": adapt_ops(fused=False), "after": adapt_ops(fused=True)}
+        if args.compile:
+            ops["compiled"] = adapt_ops(fused=True, compiled=True)
         png = png_rates(work, max(8, args.images // 2))
     device = device_info()["device"]
     rows = [
         ("classify loader, img/s per worker", loader["old_img_s_per_worker"], loader["new_img_s_per_worker"]),
         ("adapt step, aten ops issued", ops["before"]["aten_ops"], ops["after"]["aten_ops"]),
+        ("adapt step, kernels launched", ops["before"]["kernels"], ops["after"]["kernels"]),
         ("adapt step, loss reads (GPU syncs)", ops["before"]["device_reads"], ops["after"]["device_reads"]),
         ("adapt step, dtype copies", ops["before"]["copies"], ops["after"]["copies"]),
+        ("adapt step, s on this CPU (median of 3)", ops["before"]["step_s"], ops["after"]["step_s"]),
         ("PNG writes, img/s", png["serial_img_s"], png["pool_img_s"]),
     ]
     out = [f"CPU proxies on {device} (before → after, same run)", ""]
@@ -240,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             "before = for-each AdamW, peft input casts, 2 loss.item() per step; after = fused AdamW, no casts, "
             "no syncs",
             "PNG: serial on the main thread vs generate's PngWriter (4 threads)"]
+    if "compiled" in ops:
+        c = ops["compiled"]
+        out.append(f"adapt, compiled (run.compile, inductor): {c['kernels']:,} kernels launched per step "
+                   f"({c['kernels'] / ops['after']['kernels']:.2f}× eager after), {c['aten_ops']:,} aten ops, "
+                   f"{c['step_s']:.3g} s per step on this CPU ({ops['after']['step_s'] / c['step_s']:.2f}× faster than "
+                   f"eager after); first step {c['first_step_s']:.0f} s (the compilation; less with inductor's "
+                   f"cache warm) vs {ops['after']['first_step_s']:.1f} s")
     sys.stdout.write("\n".join(out) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
