@@ -48,5 +48,5 @@ smoke-312: $(VENV312)/bin/datadream
 	cd "$$(mktemp -d)" && $(abspath $(VENV312))/bin/datadream -q demo --in-process --out smoke-312-run
 
 test: install lint checkov
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 	$(MAKE) smoke-312
