@@ -411,13 +411,19 @@ def config_for(base, opts: Options):
     return with_(cfg, generate={"batch_size": opts.gen_batch}) if opts.gen_batch else cfg
 
 
+def try_row(variant: str, figure: Figure | None = None, *, error: str | None = None,
+            skipped: str | None = None) -> dict[str, Any]:
+    """One --try-all row: a measured figure, or why there is none (an error, or skipped for the time budget)."""
+    return {"variant": variant, "value": figure.value if figure else None, "unit": figure.unit if figure else None,
+            "peak_gpu_gib": figure.details.get("peak_gpu_gib") if figure else None, "error": error,
+            "skipped": skipped}
+
+
 def try_variant(name: str, fn) -> dict[str, Any]:
     """Run one --try-all measurement; a failure (OOM, no flash kernel, no compiler) is recorded, not fatal."""
     log.info("try-all: %s", name)
     try:
-        figure = fn()
-        return {"variant": name, "value": figure.value, "unit": figure.unit,
-                "peak_gpu_gib": figure.details.get("peak_gpu_gib"), "error": None}
+        return try_row(name, fn())
     except Exception as e:  # any failure of an option is a result to report, not a crash
         log.warning("try-all: %s failed: %s: %s", name, type(e).__name__, e)
         with contextlib.suppress(Exception):
@@ -426,8 +432,7 @@ def try_variant(name: str, fn) -> dict[str, Any]:
             torch._dynamo.reset()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        return {"variant": name, "value": None, "unit": None, "peak_gpu_gib": None,
-                "error": f"{type(e).__name__}: {e}"[:500]}
+        return try_row(name, error=f"{type(e).__name__}: {e}"[:500])
 
 
 # The options in the order --try-all measures them, each for adapt and then generate: the ones most likely to
@@ -454,21 +459,21 @@ def try_all_plan(preset: dict[str, Any], base: Options, reuse_baseline: bool) ->
 
 
 def run_try_all(config, args, fewshot_dir: Path, adapters: Path, work: Path, base: Options,
-                on_row=None, *, main_rows: dict[str, dict[str, Any]] | None = None,
+                on_row=None, *, main_figures: dict[str, Figure] | None = None,
                 estimate_s: dict[str, float] | None = None, deadline: float | None = None,
                 clock=time.monotonic) -> dict[str, Any]:
-    """Each option against the baseline, in one process. `main_rows` are the main run's adapt and generate
-    figures as try-all rows: they stand for the baseline when the main run used no option. With a `deadline`
+    """Each option against the baseline, in one process. `main_figures` are the main run's adapt and generate
+    rates: they stand for the baseline when the main run used no option. With a `deadline`
     (a `clock()` value), a variant starts only if its stage's `estimate_s` (the main run's warm-up and timed
     pair) still fits; the others are reported as skipped."""
     preset = PRESETS[args.preset]
     per_class = (min(args.images_per_class), max(max(args.images_per_class), *preset["try_batches"]))
-    reuse = main_rows is not None and replace(base, gen_batch=None) == Options() \
+    reuse = main_figures is not None and replace(base, gen_batch=None) == Options() \
         and per_class == tuple(args.images_per_class)
     results: dict[str, Any] = {"adapt": [], "generate": []}
     if reuse:
         for stage in results:
-            results[stage].append(main_rows[stage] | {"variant": f"{stage} baseline (the main run)"})
+            results[stage].append(try_row(f"{stage} baseline (the main run)", main_figures[stage]))
 
     for stage, name, opts in try_all_plan(preset, base, reuse):
         label = f"{stage} {name}"
@@ -476,8 +481,7 @@ def run_try_all(config, args, fewshot_dir: Path, adapters: Path, work: Path, bas
         if deadline is not None and clock() + need > deadline:
             left = max(0.0, deadline - clock())
             log.info("try-all: %s skipped: %.0f s left of the time budget, about %.0f s needed", label, left, need)
-            results[stage].append({"variant": label, "value": None, "unit": None, "peak_gpu_gib": None,
-                                   "error": None, "skipped": f"time budget: {left:.0f} s left, ~{need:.0f} s needed"})
+            results[stage].append(try_row(label, skipped=f"time budget: {left:.0f} s left, ~{need:.0f} s needed"))
             continue
         cfg = config_for(config, opts)
         if stage == "adapt":
@@ -619,12 +623,9 @@ def run_benchmark(config, args, work: Path, opts: Options, on_row=None) -> dict[
     if on_row is not None:
         on_row({k: v for k, v in result.items() if k != "setup"})
     if args.try_all:
-        main_rows = {"adapt": {"value": adapt_fig.value, "unit": adapt_fig.unit,
-                               "peak_gpu_gib": adapt_fig.details.get("peak_gpu_gib"), "error": None},
-                     "generate": {"value": gen_rate.value, "unit": gen_rate.unit,
-                                  "peak_gpu_gib": gen_rate.details.get("peak_gpu_gib"), "error": None}}
         result["try_all"] = run_try_all(config, args, fewshot_dir, adapters, work, opts, on_row,
-                                        main_rows=main_rows, estimate_s=spent, deadline=args.deadline)
+                                        main_figures={"adapt": adapt_fig, "generate": gen_rate},
+                                        estimate_s=spent, deadline=args.deadline)
     return result
 
 
@@ -659,7 +660,7 @@ def format_tables(result: dict[str, Any], device: str) -> str:
         trows = [("variant", "figure", "unit", "peak GiB", "error")]
         for stage in ("adapt", "generate"):
             for r in result["try_all"][stage]:
-                note = r["error"] or (f"skipped ({r['skipped']})" if r.get("skipped") else "")
+                note = r["error"] or (f"skipped ({r['skipped']})" if r["skipped"] else "")
                 trows.append((r["variant"], _fmt(r["value"]), r["unit"] or "", _fmt(r["peak_gpu_gib"]), note[:80]))
         lines += _columns(trows)
         winners = result["try_all"]["winners"]

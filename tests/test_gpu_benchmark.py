@@ -162,11 +162,11 @@ def test_try_all_measures_the_likeliest_options_first_and_skips_what_the_budget_
     clock = _fake_try_all(monkeypatch, gpu, cost_s=10.0)
     args = SimpleNamespace(preset="tiny", images_per_class=(4, 8), adapt_steps=(2, 8))
     config, base = load_config("tiny"), gpu.Options(gen_batch=4)
-    main_rows = {"adapt": {"value": 1.0, "unit": "steps/s", "peak_gpu_gib": None, "error": None},
-                 "generate": {"value": 1.5, "unit": "img/s", "peak_gpu_gib": None, "error": None}}
+    main_figures = {"adapt": gpu.Figure("adapt", 1.0, "steps/s", ""),
+                    "generate": gpu.Figure("generate", 1.5, "img/s", "")}
 
     # No budget: every variant, the main run standing for the baseline, failures recorded, not fatal.
-    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_rows=main_rows,
+    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_figures=main_figures,
                              estimate_s={"adapt": 10.0, "generate": 10.0}, clock=clock)
     adapt_rows = [r["variant"] for r in result["adapt"]]
     gen_rows = [r["variant"] for r in result["generate"]]
@@ -184,7 +184,7 @@ def test_try_all_measures_the_likeliest_options_first_and_skips_what_the_budget_
 
     # A budget for three variants: compile for both stages and channels-last for adapt, then only skips.
     clock = _fake_try_all(monkeypatch, gpu, cost_s=10.0)
-    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_rows=main_rows,
+    result = gpu.run_try_all(config, args, tmp_path, tmp_path, tmp_path, base, main_figures=main_figures,
                              estimate_s={"adapt": 10.0, "generate": 10.0}, deadline=35.0, clock=clock)
     measured = [r["variant"] for s in ("adapt", "generate") for r in result[s]
                 if not r.get("skipped") and "main run" not in r["variant"]]
