@@ -120,6 +120,15 @@ NO_KERNEL = frozenset(f"aten::{n}" for n in (
     "broadcast_tensors", "_nnpack_available", "resize_", "to", "contiguous", "_local_scalar_dense", "item"))
 
 
+def _within(e, prefix: str) -> bool:
+    """Whether the profiler event `e` (None: no event) or an event that called it is named `prefix`*."""
+    while e is not None:
+        if e.name.startswith(prefix):
+            return True
+        e = e.cpu_parent
+    return False
+
+
 def count_kernels(events) -> int:
     """Kernels a GPU would launch for a profiled CPU step: the innermost ops that compute (aten::linear calls
     aten::addmm, which runs; views and allocations run nothing) and inductor's generated kernels. A for-each
@@ -128,14 +137,6 @@ def count_kernels(events) -> int:
 
     def computes(e) -> bool:
         return "_cpp_fused_" in e.name or (e.name.startswith("aten::") and e.name not in NO_KERNEL)
-
-    def under_foreach(e) -> bool:
-        e = e.cpu_parent
-        while e is not None:
-            if e.name.startswith("aten::_foreach_"):
-                return True
-            e = e.cpu_parent
-        return False
 
     def innermost(e) -> bool:
         todo = list(e.cpu_children)
@@ -149,8 +150,8 @@ def count_kernels(events) -> int:
     n = 0
     for e in events:
         if e.name.startswith("aten::_foreach_"):
-            n += not under_foreach(e)
-        elif computes(e) and not under_foreach(e) and innermost(e):
+            n += not _within(e.cpu_parent, "aten::_foreach_")
+        elif computes(e) and not _within(e.cpu_parent, "aten::_foreach_") and innermost(e):
             n += 1
     return n
 
@@ -224,14 +225,8 @@ def adapt_ops(fused: bool, compiled: bool = False) -> dict:
 
     kernels = count_kernels(events)
 
-    def in_optimizer(e) -> bool:  # AdamW reads its CPU step counters: host-side, no wait on a GPU
-        while e is not None:
-            if e.name.startswith("Optimizer."):
-                return True
-            e = e.cpu_parent
-        return False
-
-    reads = sum(e.name == "aten::item" and not in_optimizer(e) for e in events)
+    # AdamW reads its CPU step counters: host-side, no wait on a GPU
+    reads = sum(e.name == "aten::item" and not _within(e, "Optimizer.") for e in events)
     return {"aten_ops": len(ops), "kernels": kernels, "device_reads": reads,
             "copies": sum(n in ("aten::_to_copy", "aten::copy_") for n in ops), "lora_layers": lora_layers,
             "first_step_s": round(first_step_s, 1), "step_s": sorted(times)[1]}
