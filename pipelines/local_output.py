@@ -192,14 +192,14 @@ class TaskOutput:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         loops = [m.group(1) for part in root.relative_to(self.pipeline_root).parts
                  if (m := re.fullmatch(r"(for-loop-\d+)-iteration-\d+", part))]
-        at_once = 1
-        if loops:
-            outputs = self._outputs() if self.spec else {}
-            for loop in loops:
-                n = concurrent_iterations(self.spec, self.arguments, outputs, loop) if self.spec else None
-                if n is None:
-                    return 1
-                at_once *= n
+        if loops and not self.spec:
+            return 1
+        at_once, outputs = 1, self._outputs() if loops else {}
+        for loop in loops:
+            n = concurrent_iterations(self.spec, self.arguments, outputs, loop)
+            if n is None:
+                return 1
+            at_once *= n
         return max(1, cores // at_once)
 
     def retries(self, task_name: str) -> int:
